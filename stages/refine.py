@@ -1,0 +1,162 @@
+"""Refiner: a low-strength img2img detail pass on the tiles of the upscaled image that need it most.
+
+Tiles are scored by high-frequency energy; the top ones within the tier's budget are re-denoised with
+diffusers' img2img pipeline on the prompt's embeddings, then blended back under a mask that is zero at
+every tile edge inside the image, so the result is continuous across tile borders (no seams).
+"""
+
+from stages import _torchvision_compat  # noqa: F401  (first: see that module)
+import math
+
+import torch
+import torch.nn.functional as F
+
+from stages import tiling
+from stages.generate import make_scheduler, preferred_scheduler
+from stages.models import ModelDir
+from stages.types import PromptEmbeds, Tile
+
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
+_LUMA = torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]
+
+
+def detail_map(image: torch.Tensor) -> torch.Tensor:
+    """|Laplacian| of luminance: [1, 3, H, W] -> [1, 1, H, W], high where edges and texture are."""
+    luma = (image * _LUMA).sum(1, keepdim=True)
+    return F.conv2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), _LAPLACIAN).abs()
+
+
+class Refiner:
+    """Detail pass over selected tiles. The UNet is the base model's or a refiner UNet of its own."""
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        scheduler_config: dict,
+        model_id: str,
+        family: str = "sd",
+        tile_size: int | None = None,
+        overlap: int | None = None,
+        strength: float = 0.3,
+    ):
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"refiner strength must be in (0, 1]; got {strength}")
+        self.unet = unet
+        self.vae = vae
+        self.scheduler_config = scheduler_config
+        self.model_id = model_id
+        self.family = family
+        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.tile_size = tile_size or unet.config.sample_size * vae_factor  # the UNet's native resolution
+        self.overlap = overlap if overlap is not None else self.tile_size // 8
+        self.strength = strength
+
+    @classmethod
+    def from_pretrained(cls, model: ModelDir, device="cpu", dtype=torch.float32, **kwargs) -> "Refiner":
+        if model.refiner_unet_dir is not None:
+            from diffusers import UNet2DConditionModel
+
+            unet = UNet2DConditionModel.from_pretrained(model.refiner_unet_dir, local_files_only=True, use_safetensors=True)
+            unet = unet.to(dtype=dtype).eval().requires_grad_(False)
+        else:
+            unet = model.load("unet", dtype)
+        vae = model.load("vae", dtype)
+        return cls(unet.to(device), vae.to(device), model.scheduler_config(), model.model_id, model.family, **kwargs)
+
+    def select(self, image: torch.Tensor, budget: int) -> list[Tile]:
+        """The `budget` tiles with the most detail energy, as independent units of work."""
+        _, _, height, width = image.shape
+        detail = detail_map(image)
+        boxes = tiling.boxes(width, height, self.tile_size, self.overlap)
+        scores = [detail[..., y : y + h, x : x + w].mean().item() for x, y, w, h in boxes]
+        ranked = sorted(range(len(boxes)), key=lambda i: (-scores[i], i))[: max(0, budget)]
+        return [
+            Tile(i, *boxes[i], image[..., boxes[i][1] : boxes[i][1] + boxes[i][3], boxes[i][0] : boxes[i][0] + boxes[i][2]].clone(), meta={"score": scores[i]})
+            for i in sorted(ranked)
+        ]
+
+    def steps_run(self, steps: int) -> int:
+        """Denoising steps one tile actually runs: img2img skips the first (1 - strength) of the schedule."""
+        return max(1, int(self._schedule_steps(steps) * self.strength))
+
+    def _schedule_steps(self, steps: int) -> int:
+        return max(steps, math.ceil(1 / self.strength))
+
+    def _pipeline(self):
+        # A new pipeline object per call: cheap (it only holds references) and its scheduler state is private.
+        scheduler = make_scheduler(preferred_scheduler(self.scheduler_config), self.scheduler_config)
+        if self.family == "sdxl":
+            from diffusers import StableDiffusionXLImg2ImgPipeline
+
+            pipe = StableDiffusionXLImg2ImgPipeline(
+                vae=self.vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                unet=self.unet, scheduler=scheduler, requires_aesthetics_score=False,
+            )
+        else:
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            pipe = StableDiffusionImg2ImgPipeline(
+                vae=self.vae, text_encoder=None, tokenizer=None, unet=self.unet, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.inference_mode()
+    def refine_tile(self, tile: Tile, embeds: PromptEmbeds, *, seed: int, steps: int, guidance_scale: float) -> Tile:
+        """Re-denoise one tile at low strength; the tile's own seed keeps every tile reproducible."""
+        device, dtype = self.unet.device, self.unet.dtype
+        kwargs = {}
+        if self.family == "sdxl":
+            kwargs = {
+                "pooled_prompt_embeds": embeds.pooled.to(device, dtype),
+                "negative_pooled_prompt_embeds": embeds.negative_pooled.to(device, dtype),
+                "original_size": (tile.h, tile.w),
+                "target_size": (tile.h, tile.w),
+            }
+        out = self._pipeline()(
+            prompt_embeds=embeds.prompt_embeds.to(device, dtype),
+            negative_prompt_embeds=embeds.negative_embeds.to(device, dtype),
+            image=tile.pixels.to(device, dtype),
+            strength=self.strength,
+            num_inference_steps=self._schedule_steps(steps),
+            guidance_scale=guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(seed + tile.index),
+            output_type="pt",
+            **kwargs,
+        ).images  # [1, 3, h, w] in [0, 1]
+        tile.result = out.float().cpu().clamp(0, 1)
+        return tile
+
+    def blend(self, image: torch.Tensor, tiles: list[Tile]) -> torch.Tensor:
+        """Paste refined tiles back under masks that fall to zero at interior tile edges."""
+        _, _, height, width = image.shape
+        out = image.clone()
+        for t in tiles:
+            mask = tiling.feather(t.w, t.h, *tiling.ramps((t.x, t.y, t.w, t.h), width, height, self.overlap), from_zero=True)
+            region = out[..., t.y : t.y + t.h, t.x : t.x + t.w]
+            out[..., t.y : t.y + t.h, t.x : t.x + t.w] = region * (1 - mask) + t.result * mask
+        return out
+
+    def __call__(
+        self,
+        image: torch.Tensor,
+        embeds: PromptEmbeds,
+        *,
+        seed: int,
+        budget: int,
+        steps: int,
+        guidance_scale: float,
+        on_tile=None,
+    ) -> tuple[torch.Tensor, int]:
+        """Refine up to `budget` tiles of [1, 3, H, W]; returns the image and the number of tiles refined."""
+        # 1. Pick the tiles that need detail most.
+        tiles = self.select(image, budget)
+        # 2. Refine each on its own (the cluster fans these out).
+        for n, tile in enumerate(tiles, 1):
+            self.refine_tile(tile, embeds, seed=seed, steps=steps, guidance_scale=guidance_scale)
+            if on_tile is not None:
+                on_tile(n, len(tiles))
+        # 3. Blend back without seams.
+        return self.blend(image, tiles), len(tiles)
