@@ -130,14 +130,20 @@ class Refiner:
         return tile
 
     def blend(self, image: torch.Tensor, tiles: list[Tile]) -> torch.Tensor:
-        """Paste refined tiles back under masks that fall to zero at interior tile edges."""
+        """Composite refined tiles under masks that fall to zero at interior tile edges.
+
+        Where refined tiles overlap, their pixels are averaged by mask weight; the union of the masks then
+        blends that over the original. Both are continuous, so no tile edge leaves a seam, in any order.
+        """
         _, _, height, width = image.shape
-        out = image.clone()
+        refined = torch.zeros_like(image)
+        weight = torch.zeros(1, 1, height, width)
         for t in tiles:
             mask = tiling.feather(t.w, t.h, *tiling.ramps((t.x, t.y, t.w, t.h), width, height, self.overlap), from_zero=True)
-            region = out[..., t.y : t.y + t.h, t.x : t.x + t.w]
-            out[..., t.y : t.y + t.h, t.x : t.x + t.w] = region * (1 - mask) + t.result * mask
-        return out
+            refined[..., t.y : t.y + t.h, t.x : t.x + t.w] += t.result * mask
+            weight[..., t.y : t.y + t.h, t.x : t.x + t.w] += mask
+        cover = weight.clamp(max=1.0)
+        return image * (1 - cover) + refined / weight.clamp(min=1e-8) * cover
 
     def __call__(
         self,
