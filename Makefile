@@ -1,4 +1,4 @@
-# The README's two commands: `make run` (install, then start Flashtile) and `make test` (install, then run the suite).
+# The README's two commands: `make run` (install, then start the Flashtile cluster) and `make test` (install, then run the suite).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -16,7 +16,9 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 run: install
-	$(BIN)/flashtile generate "a lighthouse at dusk" --size 4k --aspect 16:9 --seed 7 --mode quality -o out.png
+	$(BIN)/flashtile build-default
+	@echo "Flashtile: starting the cluster; send requests to http://127.0.0.1:8000 (see README: API). Ctrl-C stops it."
+	$(BIN)/serve run cluster.yaml
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -73,3 +73,26 @@ def describe_errors(err: ValidationError) -> list[dict]:
 
 def error_text(err: ValidationError) -> str:
     return "; ".join(f"{e['field']}: {e['message']} (got {e['got']!r})" for e in describe_errors(err))
+
+
+class GenerateResult(BaseModel):
+    """A finished image and how it was made."""
+
+    image_b64: str = Field(description="The PNG, base64-encoded.")
+    seed: int
+    width: int
+    height: int
+    size: Tier
+    aspect_ratio: Aspect
+    mode: Mode
+    scheduler: SchedulerName
+    model: str
+    steps: dict[str, int] = Field(description="Steps and tiles actually run per stage.")
+    timings: dict[str, float] = Field(description="Seconds spent per stage.")
+    prompt_truncated: bool = Field(description="The prompt was cut at the encoder's token limit.")
+    replicas: dict[str, list[str]] = Field(default_factory=dict, description="Replica ids that served each stage.")
+
+    def png(self) -> bytes:
+        import base64
+
+        return base64.b64decode(self.image_b64)

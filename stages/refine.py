@@ -26,6 +26,37 @@ def detail_map(image: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), _LAPLACIAN).abs()
 
 
+def select_tiles(image: torch.Tensor, tile_size: int, overlap: int, budget: int) -> list[Tile]:
+    """The `budget` tiles with the most detail energy, as independent units of work."""
+    _, _, height, width = image.shape
+    detail = detail_map(image)
+    boxes = tiling.boxes(width, height, tile_size, overlap)
+    scores = [detail[..., y : y + h, x : x + w].mean().item() for x, y, w, h in boxes]
+    ranked = sorted(range(len(boxes)), key=lambda i: (-scores[i], i))[: max(0, budget)]
+    tiles = []
+    for i in sorted(ranked):
+        x, y, w, h = boxes[i]
+        tiles.append(Tile(i, x, y, w, h, image[..., y : y + h, x : x + w].clone(), meta={"score": scores[i]}))
+    return tiles
+
+
+def blend_tiles(image: torch.Tensor, tiles: list[Tile], overlap: int) -> torch.Tensor:
+    """Composite refined tiles under masks that fall to zero at interior tile edges.
+
+    Where refined tiles overlap, their pixels are averaged by mask weight; the union of the masks then
+    blends that over the original. Both are continuous, so no tile edge leaves a seam, in any order.
+    """
+    _, _, height, width = image.shape
+    refined = torch.zeros_like(image)
+    weight = torch.zeros(1, 1, height, width)
+    for t in tiles:
+        mask = tiling.feather(t.w, t.h, *tiling.ramps((t.x, t.y, t.w, t.h), width, height, overlap), from_zero=True)
+        refined[..., t.y : t.y + t.h, t.x : t.x + t.w] += t.result * mask
+        weight[..., t.y : t.y + t.h, t.x : t.x + t.w] += mask
+    cover = weight.clamp(max=1.0)
+    return image * (1 - cover) + refined / weight.clamp(min=1e-8) * cover
+
+
 class Refiner:
     """Detail pass over selected tiles. The UNet is the base model's or a refiner UNet of its own."""
 
@@ -65,16 +96,7 @@ class Refiner:
         return cls(unet.to(device), vae.to(device), model.scheduler_config(), model.model_id, model.family, **kwargs)
 
     def select(self, image: torch.Tensor, budget: int) -> list[Tile]:
-        """The `budget` tiles with the most detail energy, as independent units of work."""
-        _, _, height, width = image.shape
-        detail = detail_map(image)
-        boxes = tiling.boxes(width, height, self.tile_size, self.overlap)
-        scores = [detail[..., y : y + h, x : x + w].mean().item() for x, y, w, h in boxes]
-        ranked = sorted(range(len(boxes)), key=lambda i: (-scores[i], i))[: max(0, budget)]
-        return [
-            Tile(i, *boxes[i], image[..., boxes[i][1] : boxes[i][1] + boxes[i][3], boxes[i][0] : boxes[i][0] + boxes[i][2]].clone(), meta={"score": scores[i]})
-            for i in sorted(ranked)
-        ]
+        return select_tiles(image, self.tile_size, self.overlap, budget)
 
     def steps_run(self, steps: int) -> int:
         """Denoising steps one tile actually runs: img2img skips the first (1 - strength) of the schedule."""
@@ -130,20 +152,7 @@ class Refiner:
         return tile
 
     def blend(self, image: torch.Tensor, tiles: list[Tile]) -> torch.Tensor:
-        """Composite refined tiles under masks that fall to zero at interior tile edges.
-
-        Where refined tiles overlap, their pixels are averaged by mask weight; the union of the masks then
-        blends that over the original. Both are continuous, so no tile edge leaves a seam, in any order.
-        """
-        _, _, height, width = image.shape
-        refined = torch.zeros_like(image)
-        weight = torch.zeros(1, 1, height, width)
-        for t in tiles:
-            mask = tiling.feather(t.w, t.h, *tiling.ramps((t.x, t.y, t.w, t.h), width, height, self.overlap), from_zero=True)
-            refined[..., t.y : t.y + t.h, t.x : t.x + t.w] += t.result * mask
-            weight[..., t.y : t.y + t.h, t.x : t.x + t.w] += mask
-        cover = weight.clamp(max=1.0)
-        return image * (1 - cover) + refined / weight.clamp(min=1e-8) * cover
+        return blend_tiles(image, tiles, self.overlap)
 
     def __call__(
         self,

@@ -31,6 +31,7 @@ class BaseImage:
     image: torch.Tensor  # [1, 3, h, w] in [0, 1]
     seed: int
     steps: int  # denoising steps actually run
+    meta: dict = field(default_factory=dict)
 
 
 @dataclass

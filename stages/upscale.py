@@ -130,23 +130,19 @@ class UpscalePass:
     size: tuple[int, int]
 
 
-class Upscaler:
-    """Tiled AI upscaling to an exact output size."""
+class TiledUpscale:
+    """The geometry of a tiled upscale, without weights: plan the passes, cut tiles, blend results.
 
-    def __init__(self, backend, tile_size: int = 256, overlap: int = 16):
+    Whoever holds the image (the in-process Upscaler, or the cluster's ingress fanning tiles out to upscaler
+    replicas) uses this; only `upscale_tile` needs the model.
+    """
+
+    def __init__(self, scale: int, tile_size: int = 256, overlap: int = 16):
         if overlap * 2 >= tile_size:
             raise ValueError(f"upscaler overlap {overlap} must be less than half the tile size {tile_size}")
-        self.backend = backend
+        self.scale = scale
         self.tile_size = tile_size
         self.overlap = overlap
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, device="cpu", **kwargs) -> "Upscaler":
-        return cls(load_upscaler_backend(folder, device=device), **kwargs)
-
-    @property
-    def scale(self) -> int:
-        return self.backend.scale
 
     def plan(self, src: tuple[int, int], dst: tuple[int, int]) -> list[UpscalePass]:
         """Model passes at native resolution until the image covers `dst`, then one antialiased resize.
@@ -171,10 +167,6 @@ class Upscaler:
             for i, (x, y, w, h) in enumerate(tiling.boxes(width, height, self.tile_size, self.overlap))
         ]
 
-    def upscale_tile(self, tile: Tile) -> Tile:
-        tile.result = self.backend(tile.pixels)  # [1, 3, h*s, w*s]
-        return tile
-
     def merge(self, tiles: list[Tile], size: tuple[int, int]) -> torch.Tensor:
         """Blend upscaled tiles of a `size` = (width, height) source: feathered weights, normalised."""
         s = self.scale
@@ -189,6 +181,26 @@ class Upscaler:
             weight[box] += mask
         return canvas / weight
 
+    def count_tiles(self, passes: list[UpscalePass]) -> int:
+        s = self.scale
+        return sum(len(tiling.boxes(p.size[0] // s, p.size[1] // s, self.tile_size, self.overlap)) for p in passes if p.kind == "model")
+
+
+class Upscaler(TiledUpscale):
+    """Tiled AI upscaling to an exact output size, in this process."""
+
+    def __init__(self, backend, tile_size: int = 256, overlap: int = 16):
+        super().__init__(backend.scale, tile_size, overlap)
+        self.backend = backend
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device="cpu", **kwargs) -> "Upscaler":
+        return cls(load_upscaler_backend(folder, device=device), **kwargs)
+
+    def upscale_tile(self, tile: Tile) -> Tile:
+        tile.result = self.backend(tile.pixels)  # [1, 3, h*s, w*s]
+        return tile
+
     def __call__(
         self,
         image: torch.Tensor,
@@ -199,11 +211,7 @@ class Upscaler:
         # 1. Plan: how many model passes, then a final resize to the exact tier size.
         passes = self.plan((image.shape[-1], image.shape[-2]), size)
         done = 0
-        total = sum(
-            len(tiling.boxes(p.size[0] // self.scale, p.size[1] // self.scale, self.tile_size, self.overlap))
-            for p in passes
-            if p.kind == "model"
-        )
+        total = self.count_tiles(passes)
         for p in passes:
             if p.kind == "resize":
                 image = resize(image, p.size)

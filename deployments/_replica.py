@@ -1,0 +1,20 @@
+"""Small helpers shared by the stage deployments."""
+
+import torch
+from ray import serve
+
+from stages.models import ModelDir, resolve_model
+
+
+def replica_id() -> str:
+    """This replica's unique id (recorded in results, so tests and users see who did the work)."""
+    return serve.get_replica_context().replica_id.unique_id
+
+
+def load_model(location: str | None, torch_threads: int) -> ModelDir:
+    """Set this replica's torch threads, then resolve its model (the embedded default when None).
+
+    Replicas share a node's cores: each holding torch's default (all cores) oversubscribes them.
+    """
+    torch.set_num_threads(torch_threads)
+    return resolve_model(location)

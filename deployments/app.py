@@ -1,0 +1,32 @@
+"""build_app(args): the one place that wires Flashtile's DAG of deployments."""
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from deployments.encoder import EncoderDeployment
+from deployments.generator import GeneratorDeployment
+from deployments.ingress import Ingress
+from deployments.refiner import RefinerDeployment
+from deployments.upscaler import UpscalerDeployment
+
+
+class AppArgs(BaseModel):
+    """Arguments of the Flashtile application (the `args` of cluster.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="Model directory; null = the embedded default.")
+    device: str = Field(default="cpu", description="torch device for the model stages: cpu or cuda.")
+    torch_threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads per model replica.")
+    upscale_tile: int = Field(default=256, ge=32, le=2048, description="Upscaler tile side, input pixels.")
+    upscale_overlap: int = Field(default=16, ge=0, le=256, description="Overlap between upscaler tiles, input pixels.")
+
+
+def build_app(args: dict) -> Application:
+    a = AppArgs.model_validate(args or {})
+    model = (a.model, a.device, a.torch_threads)
+    encoder = EncoderDeployment.bind(*model)
+    generator = GeneratorDeployment.bind(*model)
+    upscaler = UpscalerDeployment.bind(*model, a.upscale_tile, a.upscale_overlap)
+    refiner = RefinerDeployment.bind(*model)
+    return Ingress.bind(encoder, generator, upscaler, refiner, a.torch_threads)

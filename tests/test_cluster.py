@@ -1,0 +1,108 @@
+"""The cluster, for real: `serve run cluster.yaml` on a local Ray instance, HTTP on 127.0.0.1, Python handles.
+
+One cluster per test session (module-scoped here): start-up is the slow part on 2 cores.
+"""
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+URL = "http://127.0.0.1:8000"
+STARTUP_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def cluster(default_model_dir):
+    serve = Path(sys.executable).parent / "serve"
+    log = open(ROOT / ".pytest-cache-flashtile" / "serve.log", "w")
+    proc = subprocess.Popen([str(serve), "run", "cluster.yaml"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"serve run exited with {proc.returncode}; see {log.name}"
+            try:
+                if requests.get(f"{URL}/v1/models", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, f"cluster not up after {STARTUP_TIMEOUT_S}s; see {log.name}"
+            time.sleep(2)
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # serve run shuts Serve and its local Ray down on Ctrl-C
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+        log.close()
+
+
+def _png(resp) -> Image.Image:
+    assert resp.status_code == 200, resp.text[:500]
+    assert resp.headers["content-type"] == "image/png"
+    return Image.open(io.BytesIO(resp.content))
+
+
+EXPECTED = {"preview": (336, 192), "1k": (1024, 576), "2k": (2048, 1152), "4k": (4096, 2304)}
+
+
+@pytest.mark.parametrize("tier", list(EXPECTED))
+def test_http_each_tier_returns_a_png_of_the_documented_size(cluster, tier):
+    body = {"prompt": "a lighthouse at dusk", "size": tier, "aspect_ratio": "16:9", "seed": 5, "mode": "fast", "steps": 2}
+    resp = requests.post(f"{URL}/v1/generate", json=body, headers={"Accept": "image/png"}, timeout=300)
+    image = _png(resp)
+    assert image.size == EXPECTED[tier]
+    assert image.text["seed"] == "5" and image.text["model"] == "flashtile-default-v1"
+    assert resp.headers["x-flashtile-seed"] == "5"
+
+
+def test_json_result_and_handle_give_the_same_image(cluster):
+    body = {"prompt": "two yellow circles on grey", "size": "1k", "aspect_ratio": "4:3", "seed": 9, "mode": "fast", "steps": 2}
+    resp = requests.post(f"{URL}/v1/generate", json=body, timeout=300)
+    assert resp.status_code == 200, resp.text[:500]
+    result = resp.json()
+    assert (result["width"], result["height"]) == (1024, 768)
+    assert result["steps"]["base"] == 2 and result["steps"]["refine_tiles"] == 2
+    assert set(result["timings"]) >= {"encode+base", "upscale", "refine"}
+    assert set(result["replicas"]) == {"base_generator", "upscaler", "refiner"}
+    http_png = base64.b64decode(result["image_b64"])
+
+    code = (
+        "import ray, sys; from ray import serve; from deployments.schemas import GenerateRequest\n"
+        "ray.init(address='auto', namespace='serve', logging_level='ERROR')\n"
+        "handle = serve.get_app_handle('flashtile')\n"
+        f"result = handle.generate.remote(GenerateRequest(**{body!r})).result(timeout_s=300)\n"
+        "sys.stdout.buffer.write(result.png())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout == http_png  # the same request through a Python handle: the same PNG, byte for byte
+
+
+def test_invalid_request_is_422_naming_the_field(cluster):
+    resp = requests.post(f"{URL}/v1/generate", json={"prompt": "a", "size": "8k", "colour": 1}, timeout=30)
+    assert resp.status_code == 422
+    errors = {e["field"]: e["message"] for e in resp.json()["error"]["errors"]}
+    assert "'preview', '1k', '2k' or '4k'" in errors["size"]
+    assert "colour" in errors
+    assert "Traceback" not in resp.text
+
+
+def test_models_health_and_openapi(cluster):
+    assert requests.get(f"{URL}/healthz", timeout=10).json() == {"status": "ok"}
+    models = requests.get(f"{URL}/v1/models", timeout=10).json()["data"]
+    assert models[0]["id"] == "flashtile-default-v1" and models[0]["base_resolution"] == 256
+    paths = requests.get(f"{URL}/openapi.json", timeout=10).json()["paths"]
+    assert {"/v1/generate", "/v1/models", "/healthz"} <= set(paths)
