@@ -106,3 +106,34 @@ def test_models_health_and_openapi(cluster):
     assert models[0]["id"] == "flashtile-default-v1" and models[0]["base_resolution"] == 256
     paths = requests.get(f"{URL}/openapi.json", timeout=10).json()["paths"]
     assert {"/v1/generate", "/v1/models", "/healthz"} <= set(paths)
+
+
+def _readme_examples() -> dict[str, tuple[str, str]]:
+    """README code blocks marked `<!-- example: NAME -->`: {name: (language, code)}."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    found = re.findall(r"<!-- example: ([\w-]+) -->\n```(\w+)\n(.*?)\n```", text, flags=re.S)
+    return {name: (lang, code) for name, lang, code in found}
+
+
+def test_readme_examples_run_against_the_cluster(cluster, tmp_path):
+    examples = _readme_examples()
+    assert set(examples) == {"curl-png", "curl-json", "python"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    subprocess.run(["bash", "-c", examples["curl-png"][1]], cwd=tmp_path, check=True, timeout=300, env=env)
+    with Image.open(tmp_path / "lighthouse.png") as image:
+        assert image.size == (2048, 1152)
+
+    out = subprocess.run(["bash", "-c", examples["curl-json"][1]], cwd=tmp_path, check=True, timeout=300, env=env,
+                         capture_output=True, text=True).stdout.split()
+    assert out[1:3] == ["256", "256"] and int(out[0]) >= 0  # preview, 1:1, on the 256-px default
+
+    (tmp_path / "lighthouse.png").unlink()
+    proc = subprocess.run([sys.executable, "-c", examples["python"][1]], cwd=tmp_path, timeout=400, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[:2] == ["1024", "768"]
+    with Image.open(tmp_path / "lighthouse.png") as image:
+        assert image.size == (1024, 768)
