@@ -7,7 +7,6 @@ The CRDs live in ../shared/kuberay-crds beside the repo (CI clones it there).
 """
 
 import copy
-import sys
 from pathlib import Path
 
 import jsonschema  # a dependency of ray
