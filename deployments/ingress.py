@@ -13,7 +13,6 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -30,10 +29,7 @@ api = FastAPI(title="Flashtile", version="0.1.0", description="Fast 4K image gen
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
-    errors = []
-    for e in err.errors():
-        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        errors.append({"field": ".".join(loc) or "body", "message": e.get("msg", "invalid"), "got": _safe(e.get("input"))})
+    errors = describe_errors(list(err.errors()))
     return JSONResponse(status_code=422, content={"error": {"type": "invalid_request", "errors": errors}})
 
 
@@ -41,10 +37,6 @@ async def _invalid_request(request: Request, err: RequestValidationError) -> JSO
 async def _internal(request: Request, err: Exception) -> JSONResponse:
     log.exception("request failed")  # the trace stays in the server log, never in the response
     return JSONResponse(status_code=500, content={"error": {"type": "internal", "message": "image generation failed"}})
-
-
-def _safe(value):
-    return value if isinstance(value, (str, int, bool, type(None))) and len(str(value)) <= 80 else None
 
 
 @serve.deployment(name="ingress")

@@ -54,11 +54,16 @@ class GenerateRequest(BaseModel):
         return value
 
 
-def describe_errors(err: ValidationError) -> list[dict]:
-    """Validation errors as [{field, message, got}], without pydantic's URLs; safe to send to clients."""
+def describe_errors(errors: ValidationError | list[dict]) -> list[dict]:
+    """Validation errors (pydantic's, or FastAPI's request errors) as [{field, message, got}].
+
+    No URLs, no internals, long or odd inputs left out: safe to send to clients as it is.
+    """
+    if isinstance(errors, ValidationError):
+        errors = errors.errors(include_url=False)
     out = []
-    for e in err.errors(include_url=False):
-        field = ".".join(str(p) for p in e["loc"]) or "body"
+    for e in errors:
+        field = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         got = e.get("input")
         if isinstance(got, float) and not math.isfinite(got):
             got = str(got)
@@ -66,7 +71,9 @@ def describe_errors(err: ValidationError) -> list[dict]:
             got = None
         elif isinstance(got, str) and len(got) > 80:
             got = got[:77] + "..."
-        message = e["msg"] if e["type"] != "extra_forbidden" else f"unknown field; allowed: {', '.join(GenerateRequest.model_fields)}"
+        message = e.get("msg", "invalid")
+        if e.get("type") == "extra_forbidden":
+            message = f"unknown field; allowed: {', '.join(GenerateRequest.model_fields)}"
         out.append({"field": field, "message": message, "got": got})
     return out
 

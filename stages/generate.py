@@ -170,9 +170,3 @@ class BaseGenerator:
         latents = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
         image = self.vae.decode(latents.to(self.vae.dtype)).sample
         return (image / 2 + 0.5).clamp(0, 1).float().cpu()
-
-    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """[1, 3, H, W] in [0, 1] -> scaled latents (used by training and img2img-style callers)."""
-        cfg = self.vae.config
-        dist = self.vae.encode((image * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist
-        return (dist.sample(generator) - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
