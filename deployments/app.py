@@ -16,7 +16,8 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(default=None, description="Model directory; null = the embedded default.")
-    device: str = Field(default="cpu", description="torch device for the model stages: cpu or cuda.")
+    device: str = Field(default="cpu", description="torch device of the generator, upscaler and refiner: cpu or cuda.")
+    encoder_device: str | None = Field(default=None, description="torch device of the prompt encoder (null: `device`).")
     torch_threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads per model replica.")
     upscale_tile: int = Field(default=256, ge=32, le=2048, description="Upscaler tile side, input pixels.")
     upscale_overlap: int = Field(default=16, ge=0, le=256, description="Overlap between upscaler tiles, input pixels.")
@@ -25,7 +26,7 @@ class AppArgs(BaseModel):
 def build_app(args: dict) -> Application:
     a = AppArgs.model_validate(args or {})
     model = (a.model, a.device, a.torch_threads)
-    encoder = EncoderDeployment.bind(*model)
+    encoder = EncoderDeployment.bind(a.model, a.encoder_device or a.device, a.torch_threads)
     generator = GeneratorDeployment.bind(*model)
     upscaler = UpscalerDeployment.bind(*model, a.upscale_tile, a.upscale_overlap)
     refiner = RefinerDeployment.bind(*model)

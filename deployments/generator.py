@@ -1,10 +1,13 @@
 """Base generator deployment: a thin wrapper around stages.generate.BaseGenerator."""
 
+import queue
+import threading
+
 from ray import serve
 
 from deployments._replica import load_model, replica_id
-from stages.generate import BaseGenerator
-from stages.types import BaseImage, PromptEmbeds
+from stages.generate import BaseGenerator, latent_preview
+from stages.types import BaseImage, Cancelled, PromptEmbeds, StepEvent
 
 
 @serve.deployment(name="base_generator")
@@ -22,6 +25,43 @@ class GeneratorDeployment:
         }
 
     def generate(self, embeds: PromptEmbeds, params: dict) -> BaseImage:
-        base = self._generator(embeds, **params)
+        return self._generate(embeds, params, None)
+
+    def generate_stream(self, embeds: PromptEmbeds, params: dict, preview_every: int = 1):
+        """Yields {"stage", "step", "total"[, "preview"]} per step, then the BaseImage.
+
+        A preview is the denoised estimate at latent resolution ([1, 3, h/8, w/8]). When the caller stops
+        reading (a client went away), the run stops at its next step.
+        """
+        events: queue.Queue = queue.Queue()
+        stop, end = threading.Event(), object()
+
+        def on_step(event: StepEvent) -> None:
+            if stop.is_set():
+                raise Cancelled()
+            item = {"stage": "base", "step": event.step, "total": event.total}
+            if preview_every and (event.step % preview_every == 0 or event.step == event.total):
+                item["preview"] = latent_preview(event.denoised, self._generator.family)
+            events.put(item)
+
+        def work() -> None:
+            try:
+                events.put(self._generate(embeds, params, on_step))
+            except BaseException as err:  # handed to the reader, which re-raises it
+                events.put(err)
+            finally:
+                events.put(end)
+
+        threading.Thread(target=work, daemon=True).start()
+        try:
+            while (item := events.get()) is not end:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def _generate(self, embeds: PromptEmbeds, params: dict, on_step) -> BaseImage:
+        base = self._generator(embeds, on_step=on_step, **params)
         base.meta["replica"] = replica_id()
         return base

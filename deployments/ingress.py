@@ -5,18 +5,27 @@ Only this deployment encodes PNG. Between stages travel Ray objects: embeddings,
 
 import asyncio
 import base64
+import json
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import torch
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.schemas import GenerateRequest, GenerateResult, describe_errors
+from deployments.schemas import (
+    GenerateRequest,
+    GenerateResult,
+    ImageData,
+    ImagesRequest,
+    ImagesResponse,
+    describe_errors,
+)
 from stages import sizes
 from stages.pipeline import REFINE_BUDGET, resolve_params
 from stages.png import encode_png
@@ -25,18 +34,38 @@ from stages.upscale import TiledUpscale, resize
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="Flashtile", version="0.1.0", description="Fast 4K image generation.")
+RETRY_AFTER_S = 5  # what a client told "busy" waits before trying again
+PREVIEWS_PER_RUN = 8  # streamed base previews per request, at most
+
+
+def _error(status: int, kind: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message, **extra}}, headers=headers)
+
+
+def _busy() -> JSONResponse:
+    return _error(503, "overloaded", "all replicas are busy; retry later", {"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def _awaitable(response):
+    """A DeploymentResponse as a coroutine, for asyncio.as_completed."""
+    return await response
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
     errors = describe_errors(list(err.errors()))
-    return JSONResponse(status_code=422, content={"error": {"type": "invalid_request", "errors": errors}})
+    return _error(422, "invalid_request", "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors)
+
+
+@api.exception_handler(BackPressureError)
+async def _backpressure(request: Request, err: BackPressureError) -> JSONResponse:
+    return _busy()
 
 
 @api.exception_handler(Exception)
 async def _internal(request: Request, err: Exception) -> JSONResponse:
     log.exception("request failed")  # the trace stays in the server log, never in the response
-    return JSONResponse(status_code=500, content={"error": {"type": "internal", "message": "image generation failed"}})
+    return _error(500, "internal", "image generation failed")
 
 
 @serve.deployment(name="ingress")
@@ -68,6 +97,13 @@ class Ingress:
         """Python API (through serve.get_app_handle("flashtile")): one request in, the typed result out."""
         if isinstance(request, dict):
             request = GenerateRequest.model_validate(request)
+        async for event in self._run(request, stream=False):
+            if event["event"] == "result":
+                return event["result"]
+        raise RuntimeError("the DAG ended without a result")
+
+    async def _run(self, request: GenerateRequest, stream: bool) -> AsyncIterator[dict]:
+        """Run the four stages for one request, yielding progress events and, last, {"event": "result"}."""
         info = await self._stage_info()
         g = info["generator"]
         params = resolve_params(default_scheduler=g["default_scheduler"], **request.model_dump(exclude_none=True))
@@ -77,11 +113,20 @@ class Ingress:
         t0 = time.perf_counter()
         embeds = self._encoder.encode.remote(params.prompt, params.negative_prompt)
         width, height = sizes.base_size(params.aspect_ratio, g["base_resolution"], g["size_multiple"])
-        base = await self._generator.generate.remote(
-            embeds,
-            dict(seed=params.seed, width=width, height=height, steps=params.steps,
-                 guidance_scale=params.guidance_scale, scheduler=params.scheduler),
-        )
+        base_params = dict(seed=params.seed, width=width, height=height, steps=params.steps,
+                           guidance_scale=params.guidance_scale, scheduler=params.scheduler)
+        if stream:
+            every = max(1, params.steps // PREVIEWS_PER_RUN)
+            async for item in self._generator.options(stream=True).generate_stream.remote(embeds, base_params, every):
+                if isinstance(item, dict):
+                    preview = item.pop("preview", None)
+                    if preview is not None:
+                        item["preview_png_b64"] = base64.b64encode(encode_png(preview)).decode()
+                    yield {"event": "progress", **item}
+                else:
+                    base = item
+        else:
+            base = await self._generator.generate.remote(embeds, base_params)
         timings["encode+base"] = time.perf_counter() - t0
         steps["base"], replicas["base_generator"] = base.steps, [base.meta.get("replica", "")]
         image = base.image
@@ -91,35 +136,47 @@ class Ingress:
             t0 = time.perf_counter()
             up = info["upscaler"]
             geometry = TiledUpscale(up["scale"], up["tile_size"], up["overlap"])
-            target = sizes.output_size(params.size, params.aspect_ratio, g["base_resolution"])
-            tiles_run, seen = 0, set()
-            for p in geometry.plan((image.shape[-1], image.shape[-2]), target):
+            passes = geometry.plan((image.shape[-1], image.shape[-2]), sizes.output_size(params.size, params.aspect_ratio, 0))
+            total, done, seen = geometry.count_tiles(passes), 0, set()
+            for p in passes:
                 if p.kind == "resize":
                     image = resize(image, p.size)
                     continue
-                tiles = await asyncio.gather(*[self._upscaler.upscale_tile.remote(t) for t in geometry.split(image)])
+                calls = [self._upscaler.upscale_tile.remote(t) for t in geometry.split(image)]
+                tiles = []
+                for call in asyncio.as_completed([_awaitable(c) for c in calls]):
+                    tiles.append(await call)
+                    done += 1
+                    if stream:
+                        yield {"event": "progress", "stage": "upscale", "step": done, "total": total}
                 image = geometry.merge(tiles, (image.shape[-1], image.shape[-2]))
-                tiles_run += len(tiles)
                 seen |= {t.meta["replica"] for t in tiles}
             timings["upscale"] = time.perf_counter() - t0
-            steps["upscale_tiles"], replicas["upscaler"] = tiles_run, sorted(seen)
+            steps["upscale_tiles"], replicas["upscaler"] = done, sorted(seen)
 
             # 4. Refine the most detailed tiles, each on whichever refiner replica is free.
             t0 = time.perf_counter()
             ref = info["refiner"]
             chosen = select_tiles(image, ref["tile_size"], ref["overlap"], REFINE_BUDGET[params.size])
-            refined = await asyncio.gather(*[
-                self._refiner.refine_tile.remote(t, embeds, params.seed, params.steps, params.guidance_scale) for t in chosen
-            ])
-            for original, done in zip(chosen, refined):
-                original.result = done.result
+            calls = [
+                self._refiner.refine_tile.remote(t, embeds, params.seed, params.steps, params.guidance_scale)
+                for t in chosen
+            ]
+            refined = {}
+            for call in asyncio.as_completed([_awaitable(c) for c in calls]):
+                tile = await call
+                refined[tile.index] = tile
+                if stream:
+                    yield {"event": "progress", "stage": "refine", "step": len(refined), "total": len(chosen)}
+            for tile in chosen:
+                tile.result = refined[tile.index].result
             image = blend_tiles(image, chosen, ref["overlap"])
             timings["refine"] = time.perf_counter() - t0
-            steps["refine_tiles"] = len(refined)
-            steps["refine_steps_per_tile"] = refined[0].meta["steps"] if refined else 0
-            replicas["refiner"] = sorted({t.meta["replica"] for t in refined})
+            steps["refine_tiles"] = len(chosen)
+            steps["refine_steps_per_tile"] = next(iter(refined.values())).meta["steps"] if refined else 0
+            replicas["refiner"] = sorted({t.meta["replica"] for t in refined.values()})
 
-        # 5. Encode the PNG (the only encode in the DAG).
+        # 5. Encode the PNG (the only full-size encode in the DAG).
         t0 = time.perf_counter()
         embeds_result = await embeds
         png = encode_png(image.clamp(0, 1), {
@@ -128,12 +185,12 @@ class Ingress:
             "software": "Flashtile",
         })
         timings["encode_png"] = time.perf_counter() - t0
-        return GenerateResult(
+        yield {"event": "result", "result": GenerateResult(
             image_b64=base64.b64encode(png).decode(), seed=params.seed, width=image.shape[-1], height=image.shape[-2],
             size=params.size, aspect_ratio=params.aspect_ratio, mode=params.mode, scheduler=params.scheduler,
             model=g["model_id"], steps=steps, timings={k: round(v, 4) for k, v in timings.items()},
             prompt_truncated=embeds_result.truncated, replicas=replicas,
-        )
+        )}
 
     # --- HTTP -------------------------------------------------------------------------------------------
 
@@ -142,16 +199,51 @@ class Ingress:
         try:
             result = await self.generate(body)
         except ValueError as err:  # a stage's own input check: still the client's request
-            return JSONResponse(status_code=422, content={"error": {"type": "invalid_request", "message": str(err)}})
+            return _error(422, "invalid_request", str(err))
         if "image/png" in request.headers.get("accept", ""):
             headers = {"X-Flashtile-Seed": str(result.seed), "X-Flashtile-Model": result.model}
             return Response(content=result.png(), media_type="image/png", headers=headers)
         return result
 
+    @api.post("/v1/generate/stream", summary="Generate one image, streaming progress (server-sent events)")
+    async def http_generate_stream(self, body: GenerateRequest):
+        """Events: `progress` ({stage, step, total}, base steps with `preview_png_b64`), then `result`
+        (the native JSON result) or `error`."""
+
+        async def events():
+            try:
+                async for event in self._run(body, stream=True):
+                    kind = event.pop("event")
+                    data = event["result"].model_dump() if kind == "result" else event
+                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+            except BackPressureError:
+                yield f"event: error\ndata: {json.dumps({'type': 'overloaded', 'retry_after': RETRY_AFTER_S})}\n\n"
+            except ValueError as err:
+                yield f"event: error\ndata: {json.dumps({'type': 'invalid_request', 'message': str(err)})}\n\n"
+            except Exception:
+                log.exception("stream failed")
+                yield f"event: error\ndata: {json.dumps({'type': 'internal', 'message': 'image generation failed'})}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @api.post("/v1/images/generations", response_model=ImagesResponse, summary="OpenAI Images API")
+    async def openai_images(self, body: ImagesRequest):
+        info = await self._stage_info()
+        model_id = info["generator"]["model_id"]
+        if body.model not in (None, model_id, "flashtile"):
+            return _error(404, "model_not_found", f"model must be {model_id!r} (or omitted); got {body.model!r}")
+        try:
+            results = await asyncio.gather(*[self.generate(body.to_generate(i)) for i in range(body.n)])
+        except ValueError as err:
+            return _error(422, "invalid_request", str(err))
+        return ImagesResponse(
+            created=int(time.time()),
+            data=[ImageData(b64_json=r.image_b64, revised_prompt=body.prompt, seed=r.seed) for r in results],
+        )
+
     @api.get("/v1/models", summary="Models this cluster serves")
     async def models(self):
-        info = await self._stage_info()
-        g = info["generator"]
+        g = (await self._stage_info())["generator"]
         return {"object": "list", "data": [{"id": g["model_id"], "object": "model", "owned_by": "flashtile",
                                             "base_resolution": g["base_resolution"], "tiers": list(sizes.TIERS),
                                             "aspect_ratios": list(sizes.ASPECTS)}]}

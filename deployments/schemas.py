@@ -5,10 +5,11 @@ separate, fully resolved form of the same request.
 """
 
 import math
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from stages.sizes import Aspect, Mode, SchedulerName, Tier
+from stages.sizes import ASPECTS, TIERS, Aspect, Mode, SchedulerName, Tier, output_size
 
 MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 150
@@ -103,3 +104,67 @@ class GenerateResult(BaseModel):
         import base64
 
         return base64.b64decode(self.image_b64)
+
+
+# --- OpenAI Images API (POST /v1/images/generations) -----------------------------------------------------------
+
+OPENAI_SIZES = {  # "WxH" -> (tier, aspect ratio): every exact output size Flashtile makes
+    "%dx%d" % output_size(tier, aspect, base_resolution=0): (tier, aspect) for tier in TIERS[1:] for aspect in ASPECTS
+}
+
+
+class ImagesRequest(BaseModel):
+    """OpenAI's image-generation request; Flashtile's own fields ride along as extra body fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(default=None, description="The served model's id (GET /v1/models), or omitted.")
+    n: int = Field(default=1, ge=1, le=4, description="Images to generate (seeds seed, seed+1, ...).")
+    size: str | None = Field(
+        default=None, description="'auto' (1024x1024) or an exact output size such as 1024x1024 or 4096x2304."
+    )
+    response_format: Literal["b64_json"] = Field(default="b64_json", description="b64_json only.")
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = Field(
+        default=None, description="low -> fast mode; hd/high -> quality mode; else the default."
+    )
+    style: str | None = Field(default=None, description="Accepted for compatibility; not used.")
+    user: str | None = Field(default=None, max_length=256, description="Accepted for compatibility; not used.")
+    # Flashtile extensions (the native API's fields):
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    tier: Tier | None = Field(default=None, description="Overrides the tier implied by `size`.")
+    aspect_ratio: Aspect | None = Field(default=None, description="Overrides the aspect ratio implied by `size`.")
+    mode: Mode | None = None
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    scheduler: SchedulerName | None = None
+
+    @field_validator("size")
+    @classmethod
+    def _known_size(cls, value: str | None) -> str | None:
+        if value not in (None, "auto") and value not in OPENAI_SIZES:
+            raise ValueError(f"size must be 'auto' or one of {', '.join(OPENAI_SIZES)}; got {value!r}")
+        return value
+
+    def to_generate(self, index: int = 0) -> GenerateRequest:
+        """The native request for image `index` of `n` (seed + index when a seed is given)."""
+        tier, aspect = OPENAI_SIZES.get(self.size or "auto", ("1k", "1:1"))
+        mode = self.mode or {"low": "fast", "hd": "quality", "high": "quality"}.get(self.quality or "")
+        return GenerateRequest(
+            prompt=self.prompt, negative_prompt=self.negative_prompt,
+            seed=None if self.seed is None else min(self.seed + index, MAX_SEED),
+            size=self.tier or tier, aspect_ratio=self.aspect_ratio or aspect, mode=mode, steps=self.steps,
+            guidance_scale=self.guidance_scale, scheduler=self.scheduler,
+        )
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+    seed: int
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]

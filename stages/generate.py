@@ -14,6 +14,20 @@ MAX_STEPS = 150
 HYBRID_EULER_FRACTION = 0.3  # share of `hybrid` steps run by Euler: the early, composition-setting ones
 
 
+# Linear maps from 4-channel SD / SDXL latents to RGB: a preview for the cost of one matmul, no VAE.
+_LATENT_RGB = {
+    "sd": [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
+    "sdxl": [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
+}
+
+
+def latent_preview(latents: torch.Tensor, family: str = "sd") -> torch.Tensor:
+    """[1, 4, h, w] latents -> [1, 3, h, w] RGB in [0, 1], at latent resolution (1/8 of the image)."""
+    factors = torch.tensor(_LATENT_RGB[family], dtype=torch.float32)  # [4, 3]
+    rgb = torch.einsum("bchw,cr->brhw", latents.float().cpu()[:, :4], factors)
+    return ((rgb + 1) / 2).clamp(0, 1)
+
+
 def make_scheduler(name: str, config: dict):
     """A fresh scheduler per request (scheduler state is per run): Euler, DPM++ 2M Karras or DDIM."""
     if name == "euler":
@@ -157,9 +171,11 @@ class BaseGenerator:
             if cfg:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (cond - uncond)
-            latents = sched.step(noise_pred, t, latents).prev_sample
+            out = sched.step(noise_pred, t, latents)
+            latents = out.prev_sample
             if on_step is not None:
-                on_step(StepEvent("base", i + 1, total, latents))
+                denoised = getattr(out, "pred_original_sample", None)
+                on_step(StepEvent("base", i + 1, total, latents, latents if denoised is None else denoised))
 
         # 5. Decode with the VAE (tiled when large) to an image in [0, 1].
         image = self.decode(latents)  # [1, 3, H, W]

@@ -53,12 +53,17 @@ class Tile:
 
 @dataclass
 class StepEvent:
-    """Progress of one stage: `step` of `total` done. `latents` only for the base generator."""
+    """Progress of one stage: `step` of `total` done.
+
+    Base generator only: `latents` after the step, `denoised` the scheduler's estimate of the final
+    latents (when it gives one; else the latents), for previews.
+    """
 
     stage: str
     step: int
     total: int
-    latents: torch.Tensor | None = None
+    latents: torch.Tensor | None = None  # [1, C, h/8, w/8]
+    denoised: torch.Tensor | None = None  # [1, C, h/8, w/8]
 
 
 StepCallback = Callable[[StepEvent], None]

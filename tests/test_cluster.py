@@ -5,6 +5,7 @@ One cluster per test session (module-scoped here): start-up is the slow part on 
 
 import base64
 import io
+import json
 import os
 import signal
 import subprocess
@@ -55,7 +56,7 @@ def _png(resp) -> Image.Image:
     return Image.open(io.BytesIO(resp.content))
 
 
-EXPECTED = {"preview": (336, 192), "1k": (1024, 576), "2k": (2048, 1152), "4k": (4096, 2304)}
+EXPECTED = {"preview": (336, 192), "1k": (1024, 576), "2k": (2048, 1152)}
 
 
 @pytest.mark.parametrize("tier", list(EXPECTED))
@@ -66,6 +67,60 @@ def test_http_each_tier_returns_a_png_of_the_documented_size(cluster, tier):
     assert image.size == EXPECTED[tier]
     assert image.text["seed"] == "5" and image.text["model"] == "flashtile-default-v1"
     assert resp.headers["x-flashtile-seed"] == "5"
+
+
+def test_4k_tiles_fan_out_over_both_upscaler_replicas(cluster):
+    body = {"prompt": "a lighthouse at dusk", "size": "4k", "aspect_ratio": "16:9", "seed": 5, "mode": "fast", "steps": 2}
+    resp = requests.post(f"{URL}/v1/generate", json=body, timeout=300)
+    assert resp.status_code == 200, resp.text[:500]
+    result = resp.json()
+    assert Image.open(io.BytesIO(base64.b64decode(result["image_b64"]))).size == (4096, 2304)
+    assert result["steps"]["upscale_tiles"] == 26 and result["steps"]["refine_tiles"] == 8
+    assert len(result["replicas"]["upscaler"]) == 2  # cluster.yaml keeps 2 upscaler replicas; both took tiles
+
+
+def _sse(resp) -> list[tuple[str, dict]]:
+    events, kind = [], None
+    for line in resp.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: "):
+            events.append((kind, json.loads(line[len("data: "):])))
+    return events
+
+
+def test_stream_reports_every_base_step_with_previews_then_the_image(cluster):
+    body = {"prompt": "a small red star", "size": "1k", "seed": 2, "mode": "quality", "steps": 6}
+    with requests.post(f"{URL}/v1/generate/stream", json=body, stream=True, timeout=300) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        events = _sse(resp)
+    base = [e for k, e in events if k == "progress" and e["stage"] == "base"]
+    assert [e["step"] for e in base] == [1, 2, 3, 4, 5, 6] and all(e["total"] == 6 for e in base)
+    previews = [e["preview_png_b64"] for e in base if "preview_png_b64" in e]
+    assert previews and Image.open(io.BytesIO(base64.b64decode(previews[-1]))).size == (32, 32)  # latent size
+    upscale = [e for k, e in events if k == "progress" and e["stage"] == "upscale"]
+    assert upscale and upscale[-1]["step"] == upscale[-1]["total"]
+    kind, result = events[-1]
+    assert kind == "result" and (result["width"], result["height"]) == (1024, 1024) and result["seed"] == 2
+    assert Image.open(io.BytesIO(base64.b64decode(result["image_b64"]))).size == (1024, 1024)
+
+
+def test_openai_client_generates_images(cluster):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{URL}/v1", api_key="unused", max_retries=0, timeout=300)
+    response = client.images.generate(
+        model="flashtile-default-v1", prompt="a lighthouse at dusk", n=2, size="1024x576", response_format="b64_json",
+        extra_body={"seed": 3, "mode": "fast", "steps": 2},
+    )
+    images = [base64.b64decode(d.b64_json) for d in response.data]
+    assert len(images) == 2 and images[0] != images[1]  # seeds 3 and 4
+    for png in images:
+        assert Image.open(io.BytesIO(png)).size == (1024, 576)
+    with pytest.raises(openai.UnprocessableEntityError, match="size must be 'auto' or one of"):
+        client.images.generate(prompt="a", size="1536x1024", response_format="b64_json")
+    with pytest.raises(openai.NotFoundError, match="model must be"):
+        client.images.generate(model="dall-e-3", prompt="a", response_format="b64_json")
 
 
 def test_json_result_and_handle_give_the_same_image(cluster):

@@ -114,20 +114,29 @@ def test_render_follows_cluster_yaml(tmp_path, cluster):
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(changed))
     rendered = yaml.safe_load(render(path)["spec"]["serveConfigV2"])
-    assert rendered["applications"] == changed["applications"]
+    ingress = rendered["applications"][0]["deployments"][0]
+    assert ingress["name"] == "ingress" and ingress["max_ongoing_requests"] == cluster["applications"][0]["deployments"][0]["max_ongoing_requests"] + 1
     assert rendered != yaml.safe_load(render(CLUSTER_YAML)["spec"]["serveConfigV2"])
 
 
-# (b) the Serve config inside is cluster.yaml's, apart from http_options.host
+# (b) the Serve config inside is cluster.yaml's, apart from the documented Kubernetes overlay
 
 
-def test_serve_config_equals_cluster_yaml_but_host(manifest, cluster):
+def test_serve_config_equals_cluster_yaml_but_the_overlay(manifest, cluster):
     serve = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     assert serve["http_options"]["host"] == "0.0.0.0"
     assert cluster["http_options"]["host"] != "0.0.0.0"  # else the documented difference is gone
     expected = copy.deepcopy(cluster)
     expected["http_options"]["host"] = "0.0.0.0"
+    expected["applications"][0]["args"].update(device="cuda", encoder_device="cpu")
+    gpus = {"base_generator": 1.0, "upscaler": 0.25, "refiner": 0.5}
+    for deployment in expected["applications"][0]["deployments"]:
+        if deployment["name"] in gpus:
+            deployment["ray_actor_options"]["num_gpus"] = gpus[deployment["name"]]
     assert serve == expected
+    by_name = {d["name"]: d for d in serve["applications"][0]["deployments"]}
+    assert "num_gpus" not in by_name["ingress"]["ray_actor_options"]
+    assert "num_gpus" not in by_name["prompt_encoder"]["ray_actor_options"]
     assert [d["name"] for d in serve["applications"][0]["deployments"]] == [
         "ingress",
         "prompt_encoder",
