@@ -192,3 +192,43 @@ def test_readme_examples_run_against_the_cluster(cluster, tmp_path):
     assert proc.stdout.split()[:2] == ["1024", "768"]
     with Image.open(tmp_path / "lighthouse.png") as image:
         assert image.size == (1024, 768)
+
+
+# Last in this module: it leaves extra base-generator replicas behind for a minute.
+STATUS_POLLER = """
+import json, os, sys, time
+import ray
+from ray import serve
+ray.init(address="auto", namespace="serve", logging_level="ERROR")
+peak, deadline = {}, time.monotonic() + float(sys.argv[1])
+print("ready", flush=True)
+while time.monotonic() < deadline and not os.path.exists(sys.argv[2]):  # argv[2]: the burst is over
+    for name, d in serve.status().applications["flashtile"].deployments.items():
+        live = sum(n for state, n in d.replica_states.items() if state in ("RUNNING", "STARTING"))
+        peak[name] = max(peak.get(name, 0), live)
+    time.sleep(0.5)
+print(json.dumps(peak), flush=True)
+"""
+
+
+def test_burst_scales_the_generator_but_not_the_encoder(cluster, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = tmp_path / "burst-done"
+    poller = subprocess.Popen(
+        [sys.executable, "-c", STATUS_POLLER, "120", str(done)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert poller.stdout.readline().strip() == "ready"
+    # 8 generator-heavy requests at once (base only, 40 steps): the generator's target is 1 ongoing request
+    # per replica, the encoder's 8, so only the generator has reason to scale.
+    body = {"prompt": "a burst", "size": "preview", "mode": "fast", "steps": 40}
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(
+            lambda i: requests.post(f"{URL}/v1/generate", json={**body, "seed": i}, timeout=300).status_code, range(8)
+        ))
+    done.touch()
+    assert codes == [200] * 8
+    out, _ = poller.communicate(timeout=120)
+    peak = json.loads(out.strip().splitlines()[-1])
+    assert peak["base_generator"] > 1  # min_replicas is 1
+    assert peak["prompt_encoder"] == 1
