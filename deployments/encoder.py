@@ -1,4 +1,6 @@
-"""Prompt encoder deployment: a thin wrapper around stages.encode.PromptEncoder."""
+"""Prompt encoder deployment: a thin wrapper around stages.encode.PromptEncoder, with dynamic batching."""
+
+import asyncio
 
 from ray import serve
 
@@ -9,8 +11,11 @@ from stages.types import PromptEmbeds
 
 @serve.deployment(name="prompt_encoder")
 class EncoderDeployment:
-    def __init__(self, model: str | None = None, device: str = "cpu", torch_threads: int = 1):
+    def __init__(self, model: str | None = None, device: str = "cpu", torch_threads: int = 1, max_batch: int = 16):
         self._encoder = PromptEncoder.from_pretrained(load_model(model, torch_threads), device=device)
+        self.encode.set_max_batch_size(max_batch)
 
-    def encode(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
-        return self._encoder(prompt, negative_prompt)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def encode(self, prompts: list[str], negatives: list[str]) -> list[PromptEmbeds]:
+        # Requests arriving within the wait share one text-encoder pass (cached texts skip it).
+        return await asyncio.to_thread(self._encoder.encode_batch, list(zip(prompts, negatives)))

@@ -1,7 +1,9 @@
 """Base generator deployment: a thin wrapper around stages.generate.BaseGenerator."""
 
+import asyncio
 import queue
 import threading
+from collections import defaultdict
 
 from ray import serve
 
@@ -12,8 +14,17 @@ from stages.types import BaseImage, Cancelled, PromptEmbeds, StepEvent
 
 @serve.deployment(name="base_generator")
 class GeneratorDeployment:
-    def __init__(self, model: str | None = None, device: str = "cpu", torch_threads: int = 1):
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str = "cpu",
+        torch_threads: int = 1,
+        max_batch: int = 4,
+        batch_wait_s: float = 0.05,
+    ):
         self._generator = BaseGenerator.from_pretrained(load_model(model, torch_threads), device=device)
+        self.generate.set_max_batch_size(max_batch)
+        self.generate.set_batch_wait_timeout_s(batch_wait_s)
 
     def info(self) -> dict:
         g = self._generator
@@ -24,8 +35,22 @@ class GeneratorDeployment:
             "default_scheduler": g.default_scheduler,
         }
 
-    def generate(self, embeds: PromptEmbeds, params: dict) -> BaseImage:
-        return self._generate(embeds, params, None)
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def generate(self, embeds: list[PromptEmbeds], params: list[dict]) -> list[BaseImage]:
+        """Requests arriving within the wait that share size, steps, guidance and scheduler run as one batch."""
+        groups = defaultdict(list)
+        for i, p in enumerate(params):
+            groups[tuple(sorted((k, v) for k, v in p.items() if k != "seed"))].append(i)
+        out: list[BaseImage | None] = [None] * len(params)
+        for shared, members in groups.items():
+            images = await asyncio.to_thread(
+                self._generator.generate_batch, [embeds[i] for i in members], [params[i]["seed"] for i in members],
+                **dict(shared),
+            )
+            for i, image in zip(members, images):
+                image.meta.update(replica=replica_id(), batch_size=len(members))
+                out[i] = image
+        return out
 
     def generate_stream(self, embeds: PromptEmbeds, params: dict, preview_every: int = 1):
         """Yields {"stage", "step", "total"[, "preview"]} per step, then the BaseImage.

@@ -189,7 +189,7 @@ class Ingress:
             image_b64=base64.b64encode(png).decode(), seed=params.seed, width=image.shape[-1], height=image.shape[-2],
             size=params.size, aspect_ratio=params.aspect_ratio, mode=params.mode, scheduler=params.scheduler,
             model=g["model_id"], steps=steps, timings={k: round(v, 4) for k, v in timings.items()},
-            prompt_truncated=embeds_result.truncated, replicas=replicas,
+            prompt_truncated=embeds_result.truncated, replicas=replicas, base_batch_size=base.meta.get("batch_size", 1),
         )}
 
     # --- HTTP -------------------------------------------------------------------------------------------

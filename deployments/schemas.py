@@ -99,6 +99,7 @@ class GenerateResult(BaseModel):
     timings: dict[str, float] = Field(description="Seconds spent per stage.")
     prompt_truncated: bool = Field(description="The prompt was cut at the encoder's token limit.")
     replicas: dict[str, list[str]] = Field(default_factory=dict, description="Replica ids that served each stage.")
+    base_batch_size: int = Field(default=1, description="Requests denoised together with this one (dynamic batching).")
 
     def png(self) -> bytes:
         import base64

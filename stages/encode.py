@@ -44,57 +44,70 @@ class PromptEncoder:
         return next(self.text_encoders[0].parameters()).device
 
     def __call__(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("prompt must be a non-empty string")
-        embeds, pooled, truncated, hit = self._encode_cached(prompt)
-        if self.family == "sdxl" and not negative_prompt:
-            # SDXL convention (force_zeros_for_empty_prompt): an empty negative is all zeros.
-            neg, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-        else:
-            neg, neg_pooled, _, _ = self._encode_cached(negative_prompt)
-        return PromptEmbeds(
-            model_id=self.model_id,
-            prompt_embeds=embeds,
-            negative_embeds=neg,
-            pooled=pooled,
-            negative_pooled=neg_pooled,
-            truncated=truncated,
-            token_limit=self.token_limit,
-            cache_hit=hit,
-        )
+        return self.encode_batch([(prompt, negative_prompt)])[0]
 
-    def _encode_cached(self, text: str) -> tuple:
-        key = (self.model_id, text)
+    def encode_batch(self, pairs: list[tuple[str, str]]) -> list[PromptEmbeds]:
+        """Encode (prompt, negative) pairs; every text not in the cache goes through one forward pass."""
+        for prompt, _ in pairs:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError("prompt must be a non-empty string")
+        # 1. Look every text up in the cache; encode the missing ones together.
+        # SDXL convention (force_zeros_for_empty_prompt): an empty negative is all zeros, never encoded.
+        wanted = {t for p, n in pairs for t in (p, n) if not (self.family == "sdxl" and t == "")}
+        found = {}
         with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return (*self._cache[key], True)
-        value = self._encode(text)
-        with self._lock:
-            self._cache[key] = value
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return (*value, False)
+            for text in wanted:
+                if (self.model_id, text) in self._cache:
+                    self._cache.move_to_end((self.model_id, text))
+                    found[text] = self._cache[(self.model_id, text)]
+        missing = sorted(wanted - set(found))
+        if missing:
+            fresh = dict(zip(missing, self._encode(missing)))
+            found.update(fresh)
+            with self._lock:
+                for text, value in fresh.items():
+                    self._cache[(self.model_id, text)] = value
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        # 2. Assemble each request's conditioning.
+        out = []
+        for prompt, negative in pairs:
+            embeds, pooled, truncated = found[prompt]
+            if self.family == "sdxl" and not negative:
+                neg, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+            else:
+                neg, neg_pooled, _ = found[negative]
+            out.append(PromptEmbeds(
+                model_id=self.model_id, prompt_embeds=embeds, negative_embeds=neg, pooled=pooled,
+                negative_pooled=neg_pooled, truncated=truncated, token_limit=self.token_limit,
+                cache_hit=prompt not in missing,
+            ))
+        return out
 
     @torch.inference_mode()
-    def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        states, pooled, truncated = [], None, False
+    def _encode(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor | None, bool]]:
+        """One forward pass per encoder for all `texts`: [(embeds [1, T, D], pooled [1, P] | None, truncated)]."""
+        states, pooled, truncated = [], None, [False] * len(texts)
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
             limit = tokenizer.model_max_length
-            # 1. Tokenize to the encoder's fixed context; note whether the prompt did not fit.
-            full = tokenizer(text, truncation=False, add_special_tokens=True)["input_ids"]
-            truncated = truncated or len(full) > limit
-            batch = tokenizer(text, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
-            ids = batch["input_ids"].to(self.device)
+            # 1. Tokenize to the encoder's fixed context; note which prompts did not fit.
+            for i, ids in enumerate(tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]):
+                truncated[i] = truncated[i] or len(ids) > limit
+            batch = tokenizer(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+            ids = batch["input_ids"].to(self.device)  # [B, T]
             # 2. Encode. CLIP (trained without a mask) attends to its padding, as every SD checkpoint expects;
             #    BERT-style encoders get their attention mask.
             is_clip = "CLIP" in type(encoder).__name__
             mask = None if is_clip else batch["attention_mask"].to(self.device)
             out = encoder(ids, attention_mask=mask, output_hidden_states=self.family == "sdxl")
             if self.family == "sdxl":
-                states.append(out.hidden_states[-2])  # [1, T, D_i]
-                pooled = out[0]  # the last encoder's projected pooled output: [1, P]
+                states.append(out.hidden_states[-2])  # [B, T, D_i]
+                pooled = out[0]  # the last encoder's projected pooled output: [B, P]
             else:
-                states.append(out[0])  # last_hidden_state: [1, T, D]
-        embeds = torch.cat(states, dim=-1) if len(states) > 1 else states[0]  # [1, T, sum(D_i)]
-        return embeds, pooled, truncated
+                states.append(out[0])  # last_hidden_state: [B, T, D]
+        embeds = torch.cat(states, dim=-1) if len(states) > 1 else states[0]  # [B, T, sum(D_i)]
+        return [
+            # clone: a cached row must not keep the whole batch's tensor alive
+            (embeds[i : i + 1].clone(), None if pooled is None else pooled[i : i + 1].clone(), truncated[i])
+            for i in range(len(texts))
+        ]

@@ -108,32 +108,46 @@ class BaseGenerator:
         if not 0 <= seed < 2**63:
             raise ValueError(f"seed must be between 0 and 2**63-1; got {seed}")
 
+    def __call__(self, embeds: PromptEmbeds, *, seed: int, on_step: StepCallback | None = None, **shared) -> BaseImage:
+        """One image: `shared` = width, height, steps, guidance_scale, scheduler (see generate_batch)."""
+        return self.generate_batch([embeds], [seed], on_step=on_step, **shared)[0]
+
     @torch.inference_mode()
-    def __call__(
+    def generate_batch(
         self,
-        embeds: PromptEmbeds,
+        embeds: list[PromptEmbeds],
+        seeds: list[int],
         *,
-        seed: int,
         width: int,
         height: int,
         steps: int,
         guidance_scale: float,
         scheduler: str = "hybrid",
         on_step: StepCallback | None = None,
-    ) -> BaseImage:
+    ) -> list[BaseImage]:
+        """Several requests that share size, steps, guidance and scheduler, denoised as one batch.
+
+        Each keeps its own prompt and seed (its own initial noise). Batched float math may differ from a
+        single run in the last bits; the composition is the same.
+        """
         # 0. Refuse bad input before any model work.
-        self.check_inputs(seed, width, height, steps, guidance_scale, scheduler)
+        if len(embeds) != len(seeds) or not seeds:
+            raise ValueError(f"generate_batch needs one seed per prompt; got {len(embeds)} prompts, {len(seeds)} seeds")
+        for seed in seeds:
+            self.check_inputs(seed, width, height, steps, guidance_scale, scheduler)
         device, dtype = self.unet.device, self.unet.dtype
 
         # 1. Conditioning. Classifier-free guidance runs the unconditional branch in the same batch.
         cfg = guidance_scale > 1.0
-        context = embeds.prompt_embeds  # [1, T, D]
+        context = torch.cat([e.prompt_embeds for e in embeds])  # [B, T, D]
         if cfg:
-            context = torch.cat([embeds.negative_embeds, context])  # [2, T, D]
+            context = torch.cat([torch.cat([e.negative_embeds for e in embeds]), context])  # [2B, T, D]
         context = context.to(device, dtype)
         added = None
         if self.family == "sdxl":
-            pooled = torch.cat([embeds.negative_pooled, embeds.pooled]) if cfg else embeds.pooled  # [B, P]
+            pooled = torch.cat([e.pooled for e in embeds])  # [B, P]
+            if cfg:
+                pooled = torch.cat([torch.cat([e.negative_pooled for e in embeds]), pooled])  # [2B, P]
             # SDXL micro-conditioning: original size, crop top-left, target size.
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype).repeat(pooled.shape[0], 1)
             added = {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.to(device)}
@@ -153,8 +167,9 @@ class BaseGenerator:
         if hasattr(first, "set_begin_index"):  # DDIM keeps no step index
             first.set_begin_index(0)
 
-        # 3. Seeded initial noise, scaled to the first scheduler's starting sigma.
-        latents = self.initial_noise(seed, width, height).to(device, dtype) * first.init_noise_sigma
+        # 3. Seeded initial noise per request, scaled to the first scheduler's starting sigma.
+        noise = torch.cat([self.initial_noise(seed, width, height) for seed in seeds])  # [B, C, h/8, w/8]
+        latents = noise.to(device, dtype) * first.init_noise_sigma
 
         # 4. Denoise. The callback reports progress and may raise Cancelled to stop within one step.
         total = len(first.timesteps)
@@ -177,9 +192,9 @@ class BaseGenerator:
                 denoised = getattr(out, "pred_original_sample", None)
                 on_step(StepEvent("base", i + 1, total, latents, latents if denoised is None else denoised))
 
-        # 5. Decode with the VAE (tiled when large) to an image in [0, 1].
-        image = self.decode(latents)  # [1, 3, H, W]
-        return BaseImage(image=image, seed=seed, steps=total)
+        # 5. Decode with the VAE (tiled when large) to images in [0, 1].
+        images = self.decode(latents)  # [B, 3, H, W]
+        return [BaseImage(image=images[i : i + 1].clone(), seed=seed, steps=total) for i, seed in enumerate(seeds)]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         cfg = self.vae.config

@@ -194,6 +194,21 @@ def test_readme_examples_run_against_the_cluster(cluster, tmp_path):
         assert image.size == (1024, 768)
 
 
+def test_concurrent_requests_share_a_generator_batch(cluster):
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"prompt": "two yellow circles on grey", "size": "preview", "mode": "fast", "steps": 8}
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(
+            lambda i: requests.post(f"{URL}/v1/generate", json={**body, "seed": 100 + i}, timeout=300), range(4)
+        ))
+    assert [r.status_code for r in responses] == [200] * 4
+    results = [r.json() for r in responses]
+    assert max(r["base_batch_size"] for r in results) > 1  # one generator replica, 4 requests: batches form
+    assert sorted(r["seed"] for r in results) == [100, 101, 102, 103]
+    assert len({r["image_b64"] for r in results}) == 4  # each request kept its own seed and image
+
+
 # Last in this module: it leaves extra base-generator replicas behind for a minute.
 STATUS_POLLER = """
 import json, os, sys, time

@@ -250,3 +250,35 @@ def test_tiling_covers_the_image():
         for x, y, w, h in boxes:
             cover[y : y + h, x : x + w] = True
         assert cover.all()
+
+
+# --- batching (what the cluster's dynamic batching runs) -----------------------------------------------------
+
+
+def test_encode_batch_runs_one_forward_and_matches_single_encodes(default_model):
+    encoder = PromptEncoder.from_pretrained(default_model, cache_size=16)
+    forwards = []
+    handle = encoder.text_encoders[0].register_forward_pre_hook(lambda module, args: forwards.append(args[0].shape[0]))
+    try:
+        batch = encoder.encode_batch([("a red ring", "blurry"), ("a blue star", "blurry"), ("a red ring", "")])
+    finally:
+        handle.remove()
+    assert forwards == [4]  # "a red ring", "blurry", "a blue star", "" in one pass
+    assert [b.cache_hit for b in batch] == [False, False, False]
+    single = PromptEncoder.from_pretrained(default_model)("a blue star", "blurry")
+    assert torch.allclose(batch[1].prompt_embeds, single.prompt_embeds, atol=1e-5)
+    assert torch.allclose(batch[1].negative_embeds, single.negative_embeds, atol=1e-5)
+    assert encoder.encode_batch([("a blue star", "")])[0].cache_hit
+
+
+def test_generate_batch_matches_single_runs(generator, encoder):
+    a, b = encoder("a red ring"), encoder("a blue star")
+    shared = dict(width=256, height=256, steps=3, guidance_scale=5.0, scheduler="hybrid")
+    batch = generator.generate_batch([a, b], [1, 2], **shared)
+    singles = [generator(a, seed=1, **shared), generator(b, seed=2, **shared)]
+    for got, want in zip(batch, singles):
+        assert got.image.shape == (1, 3, 256, 256) and got.seed == want.seed
+        assert torch.allclose(got.image, want.image, atol=1e-4)
+    assert not torch.allclose(batch[0].image, batch[1].image)
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        generator.generate_batch([a, b], [1], **shared)
