@@ -174,7 +174,7 @@ def _readme_examples() -> dict[str, tuple[str, str]]:
 
 def test_readme_examples_run_against_the_cluster(cluster, tmp_path):
     examples = _readme_examples()
-    assert set(examples) == {"curl-png", "curl-json", "python"}
+    assert set(examples) == {"curl-png", "curl-json", "python", "openai"}
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
     subprocess.run(["bash", "-c", examples["curl-png"][1]], cwd=tmp_path, check=True, timeout=300, env=env)
@@ -192,6 +192,14 @@ def test_readme_examples_run_against_the_cluster(cluster, tmp_path):
     assert proc.stdout.split()[:2] == ["1024", "768"]
     with Image.open(tmp_path / "lighthouse.png") as image:
         assert image.size == (1024, 768)
+
+    proc = subprocess.run([sys.executable, "-c", examples["openai"][1]], cwd=tmp_path, timeout=400, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["2"]
+    for i in range(2):
+        with Image.open(tmp_path / f"lighthouse-{i}.png") as image:
+            assert image.size == (1024, 576)
 
 
 def test_concurrent_requests_share_a_generator_batch(cluster):
