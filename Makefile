@@ -16,14 +16,17 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 run: install
-	$(BIN)/flashtile build-default
-	@echo "Flashtile: starting the cluster; send requests to http://127.0.0.1:8000 (see README: API). Ctrl-C stops it."
-	$(BIN)/serve run cluster.yaml
+	@echo "Flashtile: starting the cluster; requests to http://127.0.0.1:8000 (README: API), metrics at http://127.0.0.1:8080/metrics. Ctrl-C stops it."
+	$(BIN)/flashtile serve cluster.yaml --metrics-port 8080
 
-test: install
+# The tests start a real Prometheus server (Debian's package).
+prometheus:
+	@command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
+
+test: install prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m bench.generate
 
-.PHONY: install run test bench
+.PHONY: install run test bench prometheus

@@ -87,6 +87,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Start a local Ray instance with its metrics on a fixed port, then `serve run` the config on it."""
+    import ray
+    from ray.serve.scripts import run
+
+    from stages.models import ensure_default_model
+
+    ensure_default_model()  # once, before five replicas would race to build it
+    ray.init(namespace="serve", _metrics_export_port=args.metrics_port, include_dashboard=False)
+    print(f"Flashtile: Prometheus metrics of the whole cluster at http://127.0.0.1:{args.metrics_port}/metrics")
+    # serve run reuses the Ray instance started above; Ctrl-C shuts Serve down.
+    return run.main([args.config], standalone_mode=False) or 0
+
+
 def _build_default(args: argparse.Namespace) -> int:
     from stages.models import ensure_default_model
 
@@ -113,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     gen.set_defaults(func=_generate)
+
+    serve = sub.add_parser("serve", help="start the cluster locally: Ray Serve on cluster.yaml, metrics on a fixed port")
+    serve.add_argument("config", nargs="?", default="cluster.yaml", help="Ray Serve config file")
+    serve.add_argument("--metrics-port", type=int, default=8080, help="port of the cluster's Prometheus metrics")
+    serve.set_defaults(func=_serve)
 
     build = sub.add_parser("build-default", help="build the embedded default model into the cache; print its path")
     build.set_defaults(func=_build_default)

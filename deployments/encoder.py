@@ -4,6 +4,7 @@ import asyncio
 
 from ray import serve
 
+from deployments import metrics
 from deployments._replica import load_model
 from stages.encode import PromptEncoder
 from stages.types import PromptEmbeds
@@ -18,4 +19,10 @@ class EncoderDeployment:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def encode(self, prompts: list[str], negatives: list[str]) -> list[PromptEmbeds]:
         # Requests arriving within the wait share one text-encoder pass (cached texts skip it).
-        return await asyncio.to_thread(self._encoder.encode_batch, list(zip(prompts, negatives)))
+        with metrics.timed("encode"):
+            out = await asyncio.to_thread(self._encoder.encode_batch, list(zip(prompts, negatives)))
+        m = metrics.get()
+        m.batch_size.observe(len(prompts), tags={"stage": "encode"})
+        for embeds in out:
+            m.cache.inc(tags={"cache": "prompt", "result": "hit" if embeds.cache_hit else "miss"})
+        return out

@@ -7,6 +7,7 @@ from collections import defaultdict
 
 from ray import serve
 
+from deployments import metrics
 from deployments._replica import load_model, replica_id
 from stages.generate import BaseGenerator, latent_preview
 from stages.types import BaseImage, Cancelled, PromptEmbeds, StepEvent
@@ -43,10 +44,13 @@ class GeneratorDeployment:
             groups[tuple(sorted((k, v) for k, v in p.items() if k != "seed"))].append(i)
         out: list[BaseImage | None] = [None] * len(params)
         for shared, members in groups.items():
-            images = await asyncio.to_thread(
-                self._generator.generate_batch, [embeds[i] for i in members], [params[i]["seed"] for i in members],
-                **dict(shared),
-            )
+            with metrics.timed("base"):
+                images = await asyncio.to_thread(
+                    self._generator.generate_batch, [embeds[i] for i in members], [params[i]["seed"] for i in members],
+                    **dict(shared),
+                )
+            metrics.get().batch_size.observe(len(members), tags={"stage": "base"})
+            metrics.get().steps.inc(images[0].steps * len(members), tags={"stage": "base"})
             for i, image in zip(members, images):
                 image.meta.update(replica=replica_id(), batch_size=len(members))
                 out[i] = image
@@ -87,6 +91,8 @@ class GeneratorDeployment:
             stop.set()
 
     def _generate(self, embeds: PromptEmbeds, params: dict, on_step) -> BaseImage:
-        base = self._generator(embeds, on_step=on_step, **params)
+        with metrics.timed("base"):
+            base = self._generator(embeds, on_step=on_step, **params)
+        metrics.get().steps.inc(base.steps, tags={"stage": "base"})
         base.meta["replica"] = replica_id()
         return base

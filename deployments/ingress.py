@@ -18,6 +18,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments import metrics
 from deployments.schemas import (
     GenerateRequest,
     GenerateResult,
@@ -49,6 +50,26 @@ def _busy() -> JSONResponse:
 async def _awaitable(response):
     """A DeploymentResponse as a coroutine, for asyncio.as_completed."""
     return await response
+
+
+_in_flight = 0  # requests inside this ingress replica (one event loop: no lock needed)
+
+
+@api.middleware("http")
+async def _count(request: Request, call_next):
+    global _in_flight
+    m, route, start, status = metrics.get(), metrics.route_label(request.url.path), time.perf_counter(), 500
+    _in_flight += 1
+    m.in_flight.set(_in_flight)
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        _in_flight -= 1
+        m.in_flight.set(_in_flight)
+        m.requests.inc(tags={"route": route, "status": str(status)})
+        m.request_latency.observe(time.perf_counter() - start, tags={"route": route})
 
 
 @api.exception_handler(RequestValidationError)
@@ -185,6 +206,7 @@ class Ingress:
             "software": "Flashtile",
         })
         timings["encode_png"] = time.perf_counter() - t0
+        metrics.get().images.inc(tags={"size": params.size, "mode": params.mode})
         yield {"event": "result", "result": GenerateResult(
             image_b64=base64.b64encode(png).decode(), seed=params.seed, width=image.shape[-1], height=image.shape[-2],
             size=params.size, aspect_ratio=params.aspect_ratio, mode=params.mode, scheduler=params.scheduler,

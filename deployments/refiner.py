@@ -2,6 +2,7 @@
 
 from ray import serve
 
+from deployments import metrics
 from deployments._replica import load_model, replica_id
 from stages.refine import Refiner
 from stages.types import PromptEmbeds, Tile
@@ -17,7 +18,10 @@ class RefinerDeployment:
         return {"tile_size": r.tile_size, "overlap": r.overlap, "strength": r.strength}
 
     def refine_tile(self, tile: Tile, embeds: PromptEmbeds, seed: int, steps: int, guidance_scale: float) -> Tile:
-        tile = self._refiner.refine_tile(tile, embeds, seed=seed, steps=steps, guidance_scale=guidance_scale)
+        with metrics.timed("refine"):
+            tile = self._refiner.refine_tile(tile, embeds, seed=seed, steps=steps, guidance_scale=guidance_scale)
+        metrics.get().tiles.inc(tags={"stage": "refine"})
+        metrics.get().steps.inc(self._refiner.steps_run(steps), tags={"stage": "refine"})
         tile.pixels = tile.pixels[..., :0, :0]  # the caller has the input; send back only the result
         tile.meta["replica"] = replica_id()
         tile.meta["steps"] = self._refiner.steps_run(steps)

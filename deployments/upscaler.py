@@ -2,6 +2,7 @@
 
 from ray import serve
 
+from deployments import metrics
 from deployments._replica import load_model, replica_id
 from stages.pipeline import upscaler_location
 from stages.types import Tile
@@ -18,7 +19,9 @@ class UpscalerDeployment:
         return {"scale": u.scale, "tile_size": u.tile_size, "overlap": u.overlap}
 
     def upscale_tile(self, tile: Tile) -> Tile:
-        tile = self._upscaler.upscale_tile(tile)
+        with metrics.timed("upscale"):
+            tile = self._upscaler.upscale_tile(tile)
+        metrics.get().tiles.inc(tags={"stage": "upscale"})
         tile.pixels = tile.pixels[..., :0, :0]  # the caller has the input; send back only the result
         tile.meta["replica"] = replica_id()
         return tile

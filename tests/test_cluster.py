@@ -1,4 +1,5 @@
-"""The cluster, for real: `serve run cluster.yaml` on a local Ray instance, HTTP on 127.0.0.1, Python handles.
+"""The cluster, for real: `flashtile serve cluster.yaml` (the README's `make run`: a local Ray instance, Serve on
+cluster.yaml, HTTP on 127.0.0.1:8000, metrics on 127.0.0.1:8080), driven over HTTP, Python handles and Prometheus.
 
 One cluster per test session (module-scoped here): start-up is the slow part on 2 cores.
 """
@@ -19,18 +20,23 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 URL = "http://127.0.0.1:8000"
+METRICS_PORT = 8080
+PROMETHEUS = "http://127.0.0.1:9091"
 STARTUP_TIMEOUT_S = 240
 
 
 @pytest.fixture(scope="module")
 def cluster(default_model_dir):
-    serve = Path(sys.executable).parent / "serve"
+    flashtile = Path(sys.executable).parent / "flashtile"
     log = open(ROOT / ".pytest-cache-flashtile" / "serve.log", "w")
-    proc = subprocess.Popen([str(serve), "run", "cluster.yaml"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(flashtile), "serve", "cluster.yaml", "--metrics-port", str(METRICS_PORT)],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
-            assert proc.poll() is None, f"serve run exited with {proc.returncode}; see {log.name}"
+            assert proc.poll() is None, f"flashtile serve exited with {proc.returncode}; see {log.name}"
             try:
                 if requests.get(f"{URL}/v1/models", timeout=5).status_code == 200:
                     break
@@ -40,7 +46,7 @@ def cluster(default_model_dir):
             time.sleep(2)
         yield proc
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # serve run shuts Serve and its local Ray down on Ctrl-C
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: Serve shuts down, and the local Ray with its driver
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -215,6 +221,69 @@ def test_concurrent_requests_share_a_generator_batch(cluster):
     assert max(r["base_batch_size"] for r in results) > 1  # one generator replica, 4 requests: batches form
     assert sorted(r["seed"] for r in results) == [100, 101, 102, 103]
     assert len({r["image_b64"] for r in results}) == 4  # each request kept its own seed and image
+
+
+@pytest.fixture()
+def prometheus(cluster, tmp_path):
+    """A real Prometheus server (Debian's package) scraping the cluster with the shipped k8s/prometheus.yml."""
+    import shutil
+
+    import yaml
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed: `make test` installs Debian's prometheus package")
+    config = yaml.safe_load((ROOT / "k8s" / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address={PROMETHEUS.removeprefix('http://')}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _promql('up{job="flashtile"} == 1') == []:
+            assert proc.poll() is None and time.monotonic() < deadline, "Prometheus never scraped the cluster"
+            time.sleep(1)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _promql(query: str) -> list:
+    try:
+        body = requests.get(f"{PROMETHEUS}/api/v1/query", params={"query": query}, timeout=10).json()
+    except (requests.RequestException, ValueError):
+        return []
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def test_prometheus_sees_p50_latency_for_every_stage(prometheus):
+    for seed in (1, 2):  # after Prometheus's first scrape, so rates see the increase
+        body = {"prompt": "a green triangle", "size": "1k", "mode": "fast", "steps": 2, "seed": seed}
+        assert requests.post(f"{URL}/v1/generate", json=body, timeout=300).status_code == 200
+    query = "histogram_quantile(0.5, sum by (le, stage) (rate(flashtile_stage_latency_seconds_bucket[2m])))"
+    deadline, p50 = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:  # Ray's agents export every few seconds; Prometheus scrapes every second
+        p50 = {r["metric"]["stage"]: float(r["value"][1]) for r in _promql(query)}
+        if set(p50) == {"encode", "base", "upscale", "refine"} and all(v == v and v > 0 for v in p50.values()):
+            break
+        time.sleep(2)
+    assert set(p50) == {"encode", "base", "upscale", "refine"}, p50
+    assert all(0 < v <= 300 for v in p50.values()), p50  # NaN fails too
+    assert _promql("ray_flashtile_stage_latency_seconds_count") == []  # renamed to flashtile_* by the config
+    images = _promql('sum(flashtile_images_total{size="1k",mode="fast"})')
+    assert images and float(images[0]["value"][1]) >= 2
+    # Every panel of the shipped Grafana dashboard is a query Prometheus accepts.
+    dashboard = json.loads((ROOT / "k8s" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 8
+    for expr in exprs:
+        status = requests.get(f"{PROMETHEUS}/api/v1/query", params={"query": expr}, timeout=10).json()["status"]
+        assert status == "success", expr
 
 
 # Last in this module: it leaves extra base-generator replicas behind for a minute.
