@@ -3,6 +3,7 @@
 import torch
 from ray import serve
 
+from deployments.storage import local_model_location
 from stages.models import ModelDir, resolve_model
 
 
@@ -12,9 +13,10 @@ def replica_id() -> str:
 
 
 def load_model(location: str | None, torch_threads: int) -> ModelDir:
-    """Set this replica's torch threads, then resolve its model (the embedded default when None).
+    """Set this replica's torch threads, then resolve its model: a local directory, an s3:// prefix (synced
+    into the node's cache first) or, when None, the embedded default.
 
     Replicas share a node's cores: each holding torch's default (all cores) oversubscribes them.
     """
     torch.set_num_threads(torch_threads)
-    return resolve_model(location)
+    return resolve_model(local_model_location(location))

@@ -38,9 +38,11 @@ def _generate(args: argparse.Namespace) -> int:
     # 2. Load the model (the embedded default unless --model names a directory).
     started = time.perf_counter()
     try:
-        flashtile = Flashtile.from_pretrained(args.model, device=args.device)
+        from deployments.storage import StorageError, local_model_location
+
+        flashtile = Flashtile.from_pretrained(local_model_location(args.model), device=args.device)
         params = flashtile.params(**request.model_dump(exclude_none=True))
-    except ValueError as err:
+    except (ValueError, StorageError) as err:
         print(f"flashtile: {err}", file=sys.stderr)
         return 2
     loaded = time.perf_counter()
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--guidance", type=float)
     gen.add_argument("--scheduler", choices=SCHEDULERS)
     gen.add_argument("--negative", default="")
-    gen.add_argument("--model", help="diffusers-format model directory (default: the embedded default)")
+    gen.add_argument("--model", help="diffusers-format model directory or s3://bucket/prefix (default: the embedded default)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     gen.set_defaults(func=_generate)

@@ -1,0 +1,188 @@
+"""Storage against a real S3-protocol server (moto's standalone server, a separate process on 127.0.0.1),
+reached only through boto3 over HTTP."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from deployments.storage import (
+    LocalOutputStore,
+    OutputStore,
+    S3OutputStore,
+    StorageError,
+    s3_client,
+    sync_model,
+    upload_folder,
+)
+from stages.models import ModelDir, weights_digest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server process; the AWS_* environment points boto3 (and child processes) at it."""
+    port = _free_port()
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(env["AWS_ENDPOINT_URL"], timeout=1)
+                break
+            except requests.RequestException:
+                assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        client = s3_client()
+        for bucket in ("models", "outputs"):
+            client.create_bucket(Bucket=bucket)
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def model_url(s3, default_model_dir):
+    upload_folder(default_model_dir, "s3://models/default")
+    return "s3://models/default"
+
+
+def _count_gets(client) -> list:
+    calls = []
+    client.meta.events.register("provide-client-params.s3.GetObject", lambda **kw: calls.append(kw["params"]["Key"]))
+    return calls
+
+
+def test_model_syncs_from_s3_verified_and_loads_locally(s3, model_url, default_model_dir, tmp_path):
+    gets = _count_gets(s3)
+    local = sync_model(model_url, root=tmp_path, client=s3)
+    assert weights_digest(local) == weights_digest(default_model_dir)
+    assert ModelDir(local).family == "sd"
+    n = len(gets)
+    assert n == sum(1 for p in default_model_dir.rglob("*") if p.is_file())
+    assert sync_model(model_url, root=tmp_path, client=s3) == local and len(gets) == n  # current copy reused
+
+
+def test_changed_object_is_downloaded_again(s3, default_model_dir, tmp_path):
+    upload_folder(default_model_dir / "scheduler", "s3://models/changing")
+    first = sync_model("s3://models/changing", root=tmp_path, client=s3)
+    s3.put_object(Bucket="models", Key="changing/scheduler_config.json", Body=b'{"changed": true}')
+    again = sync_model("s3://models/changing", root=tmp_path, client=s3)
+    assert again == first and (again / "scheduler_config.json").read_bytes() == b'{"changed": true}'
+
+
+def test_pickle_in_the_prefix_refuses_the_model_before_download(s3, tmp_path):
+    s3.put_object(Bucket="models", Key="pickled/unet/diffusion_pytorch_model.bin", Body=b"\x80\x04K\x01.")
+    s3.put_object(Bucket="models", Key="pickled/model_index.json", Body=b"{}")
+    gets = _count_gets(s3)
+    with pytest.raises(ValueError, match=r"pickled/unet/diffusion_pytorch_model.bin is a pickle .*safetensors only"):
+        sync_model("s3://models/pickled", root=tmp_path, client=s3)
+    assert gets == [] and not list(tmp_path.rglob("model_index.json"))
+
+
+def test_missing_bucket_and_empty_prefix_are_clear_errors(s3, tmp_path):
+    with pytest.raises(StorageError, match="listing s3://no-such-bucket/m: S3 answered NoSuchBucket"):
+        sync_model("s3://no-such-bucket/m", root=tmp_path, client=s3)
+    with pytest.raises(StorageError, match="no objects under this prefix"):
+        sync_model("s3://models/nothing-here", root=tmp_path, client=s3)
+    with pytest.raises(ValueError, match="must look like s3://bucket/prefix"):
+        sync_model("http://models/x", root=tmp_path, client=s3)
+
+
+def test_object_changed_during_download_never_reaches_the_cache(s3, default_model_dir, tmp_path):
+    upload_folder(default_model_dir / "vae", "s3://models/racing")
+
+    def change_after_first_get(**kwargs):
+        if kwargs["params"]["Key"].endswith("config.json"):  # listed, then rewritten before its download
+            s3.put_object(Bucket="models", Key="racing/diffusion_pytorch_model.safetensors", Body=b"x" * 10)
+
+    s3.meta.events.register("provide-client-params.s3.GetObject", change_after_first_get)
+    try:
+        with pytest.raises(StorageError, match="PreconditionFailed"):
+            sync_model("s3://models/racing", root=tmp_path, client=s3)
+    finally:
+        s3.meta.events.unregister("provide-client-params.s3.GetObject", change_after_first_get)
+    assert not [p for p in (tmp_path / "models").iterdir() if not p.name.startswith(".") and p.is_dir()]
+
+
+def test_download_killed_mid_file_does_not_poison_the_cache(s3, tmp_path):
+    big = os.urandom(64 << 20)  # big enough to be mid-download when killed
+    s3.put_object(Bucket="models", Key="big/weights.safetensors", Body=b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + big)
+    code = (
+        "import sys; from pathlib import Path; from deployments.storage import sync_model; "
+        f"sync_model('s3://models/big', root=Path({str(tmp_path)!r}))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("models/.staging-*/weights.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the download finished before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not [p for p in (tmp_path / "models").iterdir() if not p.name.startswith(".") and p.is_dir()]
+    local = sync_model("s3://models/big", root=tmp_path, client=s3)  # a clean sync after the killed one
+    assert (local / "weights.safetensors").stat().st_size == len(big) + 16
+
+
+def test_s3_outputs_are_create_only_and_served_by_presigned_url(s3):
+    store = OutputStore.from_location("s3://outputs/images")
+    assert isinstance(store, S3OutputStore)
+    assert store.put("a/1.png", b"first") is True
+    assert store.put("a/1.png", b"second") is False  # never overwritten
+    assert store.get("a/1.png") == b"first" and store.get("a/none.png") is None
+    url = store.url("a/1.png", ttl_s=900)
+    assert "X-Amz-Expires=900" in url
+    assert requests.get(url, timeout=10).content == b"first"  # a plain HTTP client, no AWS credentials
+
+
+def test_missing_output_bucket_is_a_clear_error(s3):
+    with pytest.raises(StorageError, match="writing s3://no-such-bucket/x/k.png: S3 answered NoSuchBucket"):
+        S3OutputStore("s3://no-such-bucket/x").put("k.png", b"data")
+
+
+def test_local_outputs_are_create_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHTILE_OUTPUT", str(tmp_path / "out"))
+    store = OutputStore.from_location()
+    assert isinstance(store, LocalOutputStore)
+    assert store.put("x/1.png", b"first") and not store.put("x/1.png", b"second")
+    assert store.get("x/1.png") == b"first"
+    assert not [p for p in (tmp_path / "out" / "x").iterdir() if p.name.startswith(".part-")]
+    with pytest.raises(ValueError, match="leaves the output folder"):
+        store.put("../escape.png", b"x")
+    assert store.url("x/1.png", 900, "http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1/outputs/x/1.png"
+
+
+def test_cli_generates_from_an_s3_model(s3, model_url, tmp_path):
+    from PIL import Image
+
+    from deployments import cli
+
+    out = tmp_path / "s3.png"
+    assert cli.main(["generate", "a red ring", "-q", "--model", model_url, "--size", "preview", "--seed", "1", "-o", str(out)]) == 0
+    with Image.open(out) as image:
+        assert image.size == (256, 256)
+    assert cli.main(["generate", "a", "-q", "--model", "s3://no-such-bucket/m", "-o", str(tmp_path / "x.png")]) == 2
