@@ -3,8 +3,8 @@
 import torch
 from ray import serve
 
-from deployments.storage import local_model_location
-from stages.models import ModelDir, resolve_model
+from deployments.storage import open_model
+from stages.models import ModelDir
 
 
 def replica_id() -> str:
@@ -19,4 +19,4 @@ def load_model(location: str | None, torch_threads: int) -> ModelDir:
     Replicas share a node's cores: each holding torch's default (all cores) oversubscribes them.
     """
     torch.set_num_threads(torch_threads)
-    return resolve_model(local_model_location(location))
+    return open_model(location)

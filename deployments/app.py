@@ -24,6 +24,11 @@ class AppArgs(BaseModel):
     generator_batch_wait_s: float = Field(
         default=0.05, ge=0.0, le=5.0, description="How long a generator batch waits to fill (bounded wait)."
     )
+    output: str | None = Field(
+        default=None, description="Where images are stored: a directory or s3://bucket/prefix (null: $FLASHTILE_OUTPUT, "
+        "else the cache's outputs/)."
+    )
+    url_ttl_s: int = Field(default=900, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned output URLs.")
     upscale_tile: int = Field(default=256, ge=32, le=2048, description="Upscaler tile side, input pixels.")
     upscale_overlap: int = Field(default=16, ge=0, le=256, description="Overlap between upscaler tiles, input pixels.")
 
@@ -35,4 +40,4 @@ def build_app(args: dict) -> Application:
     generator = GeneratorDeployment.bind(*model, a.generator_max_batch, a.generator_batch_wait_s)
     upscaler = UpscalerDeployment.bind(*model, a.upscale_tile, a.upscale_overlap)
     refiner = RefinerDeployment.bind(*model)
-    return Ingress.bind(encoder, generator, upscaler, refiner, a.torch_threads)
+    return Ingress.bind(encoder, generator, upscaler, refiner, a.torch_threads, a.output, a.url_ttl_s)

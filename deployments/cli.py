@@ -38,10 +38,10 @@ def _generate(args: argparse.Namespace) -> int:
     # 2. Load the model (the embedded default unless --model names a directory).
     started = time.perf_counter()
     try:
-        from deployments.storage import StorageError, local_model_location
+        from deployments.storage import StorageError, open_model
 
-        flashtile = Flashtile.from_pretrained(local_model_location(args.model), device=args.device)
-        params = flashtile.params(**request.model_dump(exclude_none=True))
+        flashtile = Flashtile.from_model(open_model(args.model), device=args.device)
+        params = flashtile.params(**request.stage_fields())
     except (ValueError, StorageError) as err:
         print(f"flashtile: {err}", file=sys.stderr)
         return 2
@@ -94,13 +94,27 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray.serve.scripts import run
 
-    from stages.models import ensure_default_model
+    from stages.models import cache_dir, ensure_default_model
 
-    ensure_default_model()  # once, before five replicas would race to build it
+    config = args.config
+    if args.model is not None or args.output is not None:
+        # Override the application's args; everything else stays the config's own.
+        import yaml
+
+        data = yaml.safe_load(Path(config).read_text())
+        for app in data["applications"]:
+            app.setdefault("args", {}).update(
+                {k: v for k, v in (("model", args.model), ("output", args.output)) if v is not None}
+            )
+        config = cache_dir() / "serve-config.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+    if args.model is None:
+        ensure_default_model()  # once, before five replicas would race to build it
     ray.init(namespace="serve", _metrics_export_port=args.metrics_port, include_dashboard=False)
     print(f"Flashtile: Prometheus metrics of the whole cluster at http://127.0.0.1:{args.metrics_port}/metrics")
     # serve run reuses the Ray instance started above; Ctrl-C shuts Serve down.
-    return run.main([args.config], standalone_mode=False) or 0
+    return run.main([str(config)], standalone_mode=False) or 0
 
 
 def _build_default(args: argparse.Namespace) -> int:
@@ -133,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="start the cluster locally: Ray Serve on cluster.yaml, metrics on a fixed port")
     serve.add_argument("config", nargs="?", default="cluster.yaml", help="Ray Serve config file")
     serve.add_argument("--metrics-port", type=int, default=8080, help="port of the cluster's Prometheus metrics")
+    serve.add_argument("--model", help="override the config's model: a directory or s3://bucket/prefix")
+    serve.add_argument("--output", help="override the config's output storage: a directory or s3://bucket/prefix")
     serve.set_defaults(func=_serve)
 
     build = sub.add_parser("build-default", help="build the embedded default model into the cache; print its path")

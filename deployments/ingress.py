@@ -5,13 +5,15 @@ Only this deployment encodes PNG. Between stages travel Ray objects: embeddings,
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -27,6 +29,7 @@ from deployments.schemas import (
     ImagesResponse,
     describe_errors,
 )
+from deployments.storage import LocalOutputStore, OutputStore, StorageError
 from stages import sizes
 from stages.pipeline import REFINE_BUDGET, resolve_params
 from stages.png import encode_png
@@ -45,6 +48,11 @@ def _error(status: int, kind: str, message: str, headers: dict | None = None, **
 
 def _busy() -> JSONResponse:
     return _error(503, "overloaded", "all replicas are busy; retry later", {"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _body_hash(request: GenerateRequest) -> str:
+    """Identity of a request body for Idempotency-Key checks (field order and defaults do not matter)."""
+    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
 
 
 async def _awaitable(response):
@@ -99,10 +107,14 @@ class Ingress:
         upscaler: DeploymentHandle,
         refiner: DeploymentHandle,
         torch_threads: int = 1,
+        output: str | None = None,
+        url_ttl_s: int = 900,
     ):
         torch.set_num_threads(torch_threads)  # blending and PNG encoding; the proxy shares the node's cores
         self._encoder, self._generator, self._upscaler, self._refiner = encoder, generator, upscaler, refiner
         self._info: dict | None = None
+        self._store = OutputStore.from_location(output)
+        self._url_ttl_s = url_ttl_s
 
     async def _stage_info(self) -> dict:
         if self._info is None:
@@ -118,16 +130,23 @@ class Ingress:
         """Python API (through serve.get_app_handle("flashtile")): one request in, the typed result out."""
         if isinstance(request, dict):
             request = GenerateRequest.model_validate(request)
+        result, output_key = await self._complete(request)
+        if output_key is not None:
+            result.url = self._url(output_key)
+        return result
+
+    async def _complete(self, request: GenerateRequest) -> tuple[GenerateResult, str | None]:
+        """Run the DAG to its result: (result, the stored image's key when response_format is url)."""
         async for event in self._run(request, stream=False):
             if event["event"] == "result":
-                return event["result"]
+                return event["result"], event["output_key"]
         raise RuntimeError("the DAG ended without a result")
 
     async def _run(self, request: GenerateRequest, stream: bool) -> AsyncIterator[dict]:
         """Run the four stages for one request, yielding progress events and, last, {"event": "result"}."""
         info = await self._stage_info()
         g = info["generator"]
-        params = resolve_params(default_scheduler=g["default_scheduler"], **request.model_dump(exclude_none=True))
+        params = resolve_params(default_scheduler=g["default_scheduler"], **request.stage_fields())
         timings, steps, replicas = {}, {}, {}
 
         # 1+2. Encode and generate: the encoder's response goes to the generator unawaited (a reference).
@@ -207,28 +226,111 @@ class Ingress:
         })
         timings["encode_png"] = time.perf_counter() - t0
         metrics.get().images.inc(tags={"size": params.size, "mode": params.mode})
-        yield {"event": "result", "result": GenerateResult(
-            image_b64=base64.b64encode(png).decode(), seed=params.seed, width=image.shape[-1], height=image.shape[-2],
+        delivery, output_key = {"image_b64": base64.b64encode(png).decode()}, None
+        if request.response_format == "url":
+            output_key = f"images/{time.strftime('%Y-%m-%d')}/{uuid.uuid4().hex}.png"
+            await self._put(output_key, png, "image/png")
+            delivery = {}  # the caller signs the URL: only it knows the client's base URL
+        yield {"event": "result", "output_key": output_key, "result": GenerateResult(
+            **delivery, seed=params.seed, width=image.shape[-1], height=image.shape[-2],
             size=params.size, aspect_ratio=params.aspect_ratio, mode=params.mode, scheduler=params.scheduler,
             model=g["model_id"], steps=steps, timings={k: round(v, 4) for k, v in timings.items()},
             prompt_truncated=embeds_result.truncated, replicas=replicas, base_batch_size=base.meta.get("batch_size", 1),
         )}
 
+    # --- storage and idempotency ---------------------------------------------------------------------
+
+    async def _put(self, key: str, data: bytes, content_type: str) -> bool:
+        try:
+            created = await asyncio.to_thread(self._store.put, key, data, content_type)
+        except StorageError:
+            metrics.get().storage_errors.inc(tags={"op": "put"})
+            raise
+        if created:
+            metrics.get().storage_bytes.inc(len(data), tags={"direction": "out"})
+        return created
+
+    def _url(self, key: str, base_url: str = "") -> str:
+        """A presigned URL (S3), or the ingress's own /v1/outputs/ URL under `base_url` (local storage)."""
+        return self._store.url(key, self._url_ttl_s, base_url)
+
+    async def _idempotent(self, key: str, request: GenerateRequest, base_url: str = "") -> tuple[int, GenerateResult | None]:
+        """(status, result): 200 with the stored result, 409 for a reused key with another body, or
+        (0, None) when this key is new (the caller generates, then `_remember`s)."""
+        record = await asyncio.to_thread(self._store.get, self._record_key(key))
+        metrics.get().cache.inc(tags={"cache": "idempotency", "result": "hit" if record else "miss"})
+        if record is None:
+            return 0, None
+        stored = json.loads(record)
+        if stored["body_sha256"] != _body_hash(request):
+            return 409, None
+        result = GenerateResult.model_validate(stored["result"])
+        if stored.get("output_key"):  # presigned URLs expire: sign the stored image afresh
+            result.url = self._url(stored["output_key"], base_url)
+        return 200, result
+
+    async def _remember(
+        self, key: str, request: GenerateRequest, result: GenerateResult, output_key: str | None, base_url: str
+    ) -> tuple[int, GenerateResult]:
+        """Store the result under the key, create-only; if another request stored one first, theirs wins."""
+        record = {"body_sha256": _body_hash(request), "result": result.model_dump(exclude={"url"}), "output_key": output_key}
+        if await self._put(self._record_key(key), json.dumps(record).encode(), "application/json"):
+            return 200, result
+        return await self._idempotent(key, request, base_url)
+
+    @staticmethod
+    def _record_key(key: str) -> str:
+        return f"idempotency/{hashlib.sha256(key.encode()).hexdigest()}.json"
+
     # --- HTTP -------------------------------------------------------------------------------------------
 
     @api.post("/v1/generate", response_model=GenerateResult, summary="Generate one image (native API)")
-    async def http_generate(self, body: GenerateRequest, request: Request):
-        try:
-            result = await self.generate(body)
-        except ValueError as err:  # a stage's own input check: still the client's request
-            return _error(422, "invalid_request", str(err))
-        if "image/png" in request.headers.get("accept", ""):
-            headers = {"X-Flashtile-Seed": str(result.seed), "X-Flashtile-Model": result.model}
+    async def http_generate(
+        self,
+        body: GenerateRequest,
+        request: Request,
+        idempotency_key: str | None = Header(
+            default=None, min_length=1, max_length=255,
+            description="Makes the request repeatable: the same key and body return the stored result.",
+        ),
+    ):
+        base_url = str(request.base_url).rstrip("/")
+        replayed = False
+        # 1. A known Idempotency-Key answers from storage: no model work.
+        if idempotency_key is not None:
+            status, result = await self._idempotent(idempotency_key, body, base_url)
+            if status == 409:
+                return _error(409, "idempotency_conflict", "this Idempotency-Key was used with a different request body")
+            replayed = result is not None
+        # 2. Otherwise generate, and remember the result under the key.
+        if not replayed:
+            try:
+                result, output_key = await self._complete(body)
+            except ValueError as err:  # a stage's own input check: still the client's request
+                return _error(422, "invalid_request", str(err))
+            if output_key is not None:
+                result.url = self._url(output_key, base_url)
+            if idempotency_key is not None:
+                status, result = await self._remember(idempotency_key, body, result, output_key, base_url)
+        headers = {"X-Flashtile-Seed": str(result.seed), "X-Flashtile-Model": result.model}
+        if idempotency_key is not None:
+            headers["Idempotent-Replayed"] = "true" if replayed else "false"
+        if result.image_b64 is not None and "image/png" in request.headers.get("accept", ""):
             return Response(content=result.png(), media_type="image/png", headers=headers)
-        return result
+        return JSONResponse(content=result.model_dump(), headers=headers)
+
+    @api.get("/v1/outputs/{key:path}", summary="A stored image (local output storage)")
+    async def outputs(self, key: str):
+        try:
+            data = await asyncio.to_thread(self._store.get, key) if isinstance(self._store, LocalOutputStore) else None
+        except ValueError:
+            data = None
+        if data is None or not key.startswith(("images/", "idempotent/")):
+            return _error(404, "not_found", "no such output")
+        return Response(content=data, media_type="image/png")
 
     @api.post("/v1/generate/stream", summary="Generate one image, streaming progress (server-sent events)")
-    async def http_generate_stream(self, body: GenerateRequest):
+    async def http_generate_stream(self, body: GenerateRequest, request: Request):
         """Events: `progress` ({stage, step, total}, base steps with `preview_png_b64`), then `result`
         (the native JSON result) or `error`."""
 
@@ -236,7 +338,11 @@ class Ingress:
             try:
                 async for event in self._run(body, stream=True):
                     kind = event.pop("event")
-                    data = event["result"].model_dump() if kind == "result" else event
+                    data = event
+                    if kind == "result":
+                        if event["output_key"] is not None:
+                            event["result"].url = self._url(event["output_key"], str(request.base_url).rstrip("/"))
+                        data = event["result"].model_dump()
                     yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
             except BackPressureError:
                 yield f"event: error\ndata: {json.dumps({'type': 'overloaded', 'retry_after': RETRY_AFTER_S})}\n\n"
@@ -249,18 +355,21 @@ class Ingress:
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, summary="OpenAI Images API")
-    async def openai_images(self, body: ImagesRequest):
+    async def openai_images(self, body: ImagesRequest, request: Request):
         info = await self._stage_info()
         model_id = info["generator"]["model_id"]
         if body.model not in (None, model_id, "flashtile"):
             return _error(404, "model_not_found", f"model must be {model_id!r} (or omitted); got {body.model!r}")
         try:
             results = await asyncio.gather(*[self.generate(body.to_generate(i)) for i in range(body.n)])
+            for r in results:
+                if r.url is not None and r.url.startswith("/"):  # local storage: make it absolute
+                    r.url = str(request.base_url).rstrip("/") + r.url
         except ValueError as err:
             return _error(422, "invalid_request", str(err))
         return ImagesResponse(
             created=int(time.time()),
-            data=[ImageData(b64_json=r.image_b64, revised_prompt=body.prompt, seed=r.seed) for r in results],
+            data=[ImageData(b64_json=r.image_b64, url=r.url, revised_prompt=body.prompt, seed=r.seed) for r in results],
         )
 
     @api.get("/v1/models", summary="Models this cluster serves")

@@ -44,6 +44,12 @@ class _Metrics:
         self.batch_size = metrics.Histogram(
             "flashtile_batch_size", "Requests per dynamic batch.", boundaries=BATCH_BUCKETS, tag_keys=("stage",)
         )
+        self.storage_bytes = metrics.Counter(
+            "flashtile_storage_bytes_total", "Bytes written to or read from output storage.", tag_keys=("direction",)
+        )
+        self.storage_errors = metrics.Counter(
+            "flashtile_storage_errors_total", "Failed storage operations.", tag_keys=("op",)
+        )
         self.cache = metrics.Counter(
             "flashtile_cache_total", "Cache lookups by cache and result.", tag_keys=("cache", "result")
         )

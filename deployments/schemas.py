@@ -39,6 +39,13 @@ class GenerateRequest(BaseModel):
     scheduler: SchedulerName | None = Field(
         default=None, description="Sampler; default: the model's own (hybrid = Euler early, DPM++ 2M Karras after)."
     )
+    response_format: Literal["b64_json", "url"] = Field(
+        default="b64_json", description="b64_json: the PNG in the answer; url: a link to the stored PNG."
+    )
+
+    def stage_fields(self) -> dict:
+        """The fields the stages run on (what resolve_params takes): not how the answer is delivered."""
+        return self.model_dump(exclude_none=True, exclude={"response_format"})
 
     @field_validator("prompt")
     @classmethod
@@ -86,7 +93,8 @@ def error_text(err: ValidationError) -> str:
 class GenerateResult(BaseModel):
     """A finished image and how it was made."""
 
-    image_b64: str = Field(description="The PNG, base64-encoded.")
+    image_b64: str | None = Field(default=None, description="The PNG, base64-encoded (response_format b64_json).")
+    url: str | None = Field(default=None, description="Where to GET the PNG (response_format url); expires.")
     seed: int
     width: int
     height: int
@@ -104,6 +112,8 @@ class GenerateResult(BaseModel):
     def png(self) -> bytes:
         import base64
 
+        if self.image_b64 is None:
+            raise ValueError("this result carries a url, not the image itself")
         return base64.b64decode(self.image_b64)
 
 
@@ -125,7 +135,7 @@ class ImagesRequest(BaseModel):
     size: str | None = Field(
         default=None, description="'auto' (1024x1024) or an exact output size such as 1024x1024 or 4096x2304."
     )
-    response_format: Literal["b64_json"] = Field(default="b64_json", description="b64_json only.")
+    response_format: Literal["b64_json", "url"] = Field(default="b64_json", description="b64_json or url.")
     quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = Field(
         default=None, description="low -> fast mode; hd/high -> quality mode; else the default."
     )
@@ -156,12 +166,13 @@ class ImagesRequest(BaseModel):
             prompt=self.prompt, negative_prompt=self.negative_prompt,
             seed=None if self.seed is None else min(self.seed + index, MAX_SEED),
             size=self.tier or tier, aspect_ratio=self.aspect_ratio or aspect, mode=mode, steps=self.steps,
-            guidance_scale=self.guidance_scale, scheduler=self.scheduler,
+            guidance_scale=self.guidance_scale, scheduler=self.scheduler, response_format=self.response_format,
         )
 
 
 class ImageData(BaseModel):
-    b64_json: str
+    b64_json: str | None = None
+    url: str | None = None
     revised_prompt: str | None = None
     seed: int
 

@@ -20,7 +20,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from stages.models import PICKLE_SUFFIXES, cache_dir, check_safetensors_only
+from stages.models import PICKLE_SUFFIXES, ModelDir, cache_dir, check_safetensors_only, resolve_model
 
 SYNC_MANIFEST = ".flashtile-sync.json"
 STAGING_MAX_AGE_S = 3600  # staging folders older than this were left by a killed download
@@ -108,11 +108,12 @@ def sync_model(url: str, root: Path | None = None, client=None) -> Path:
     return target
 
 
-def local_model_location(location: str | None) -> str | None:
-    """An s3:// model location synced into the local cache; anything else as it is."""
+def open_model(location: str | None) -> ModelDir:
+    """A model from a local directory, an s3:// prefix (synced into the local cache first, its id the prefix's
+    last part) or, when None, the embedded default."""
     if location and location.startswith("s3://"):
-        return str(sync_model(location))
-    return location
+        return ModelDir(sync_model(location), model_id=parse_s3_url(location)[1].rsplit("/", 1)[-1])
+    return resolve_model(location)
 
 
 def _manifest(folder: Path) -> list | None:

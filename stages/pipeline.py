@@ -110,7 +110,10 @@ class Flashtile:
 
     @classmethod
     def from_pretrained(cls, location: str | None = None, device: str = "cpu") -> "Flashtile":
-        model = resolve_model(location)
+        return cls.from_model(resolve_model(location), device)
+
+    @classmethod
+    def from_model(cls, model: ModelDir, device: str = "cpu") -> "Flashtile":
         return cls(
             PromptEncoder.from_pretrained(model, device=device),
             BaseGenerator.from_pretrained(model, device=device),

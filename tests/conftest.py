@@ -1,9 +1,14 @@
 """Shared fixtures: one embedded default model per test session, in a private cache directory."""
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -47,3 +52,57 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip)
+
+
+# --- a real S3-protocol server: moto's standalone server, a separate process on 127.0.0.1 ------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server process; the AWS_* environment points boto3 (and child processes) at it."""
+    port = _free_port()
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(env["AWS_ENDPOINT_URL"], timeout=1)
+                break
+            except requests.RequestException:
+                assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        from deployments.storage import s3_client
+
+        client = s3_client()
+        for bucket in ("models", "outputs"):
+            client.create_bucket(Bucket=bucket)
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_model_url(s3, default_model_dir):
+    """The embedded default, uploaded to the S3 server with boto3."""
+    from deployments.storage import upload_folder
+
+    upload_folder(default_model_dir, "s3://models/flashtile-default-v1")
+    return "s3://models/flashtile-default-v1"

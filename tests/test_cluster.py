@@ -21,16 +21,19 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 URL = "http://127.0.0.1:8000"
 METRICS_PORT = 8080
+OUTPUT = "s3://outputs/flashtile"
 PROMETHEUS = "http://127.0.0.1:9091"
 STARTUP_TIMEOUT_S = 240
 
 
 @pytest.fixture(scope="module")
-def cluster(default_model_dir):
+def cluster(s3_model_url):
+    # The model comes from the S3 server (each replica syncs it into the node's cache); outputs go to S3.
     flashtile = Path(sys.executable).parent / "flashtile"
     log = open(ROOT / ".pytest-cache-flashtile" / "serve.log", "w")
     proc = subprocess.Popen(
-        [str(flashtile), "serve", "cluster.yaml", "--metrics-port", str(METRICS_PORT)],
+        [str(flashtile), "serve", "cluster.yaml", "--metrics-port", str(METRICS_PORT),
+         "--model", s3_model_url, "--output", OUTPUT],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
@@ -150,6 +153,31 @@ def test_json_result_and_handle_give_the_same_image(cluster):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=400)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert proc.stdout == http_png  # the same request through a Python handle: the same PNG, byte for byte
+
+
+def test_url_response_is_a_presigned_s3_url_a_plain_client_can_fetch(cluster):
+    body = {"prompt": "a lighthouse", "size": "1k", "aspect_ratio": "9:16", "seed": 4, "mode": "fast", "steps": 2,
+            "response_format": "url"}
+    result = requests.post(f"{URL}/v1/generate", json=body, timeout=300).json()
+    assert result["image_b64"] is None and "X-Amz-Expires=900" in result["url"]
+    assert result["url"].startswith(os.environ["AWS_ENDPOINT_URL"] + "/outputs/flashtile/images/")
+    png = requests.get(result["url"], timeout=30)  # no AWS credentials: the signature is the permission
+    assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (576, 1024)
+
+
+def test_idempotency_key_replays_the_stored_result_and_refuses_another_body(cluster):
+    body = {"prompt": "a purple ring", "size": "preview", "mode": "fast", "steps": 3}  # no seed: one is drawn
+    headers = {"Idempotency-Key": "order-42"}
+    first = requests.post(f"{URL}/v1/generate", json=body, headers=headers, timeout=300)
+    again = requests.post(f"{URL}/v1/generate", json=body, headers=headers, timeout=300)
+    assert first.status_code == again.status_code == 200
+    assert first.headers["idempotent-replayed"] == "false" and again.headers["idempotent-replayed"] == "true"
+    # A recomputation would have drawn another seed; the replay is the stored result itself.
+    assert again.json()["seed"] == first.json()["seed"] and again.json()["image_b64"] == first.json()["image_b64"]
+    other = requests.post(f"{URL}/v1/generate", json={**body, "prompt": "a red ring"}, headers=headers, timeout=30)
+    assert other.status_code == 409 and other.json()["error"]["type"] == "idempotency_conflict"
+    fresh = requests.post(f"{URL}/v1/generate", json=body, headers={"Idempotency-Key": "order-43"}, timeout=300)
+    assert fresh.status_code == 200 and fresh.headers["idempotent-replayed"] == "false"  # another key: computed
 
 
 def test_invalid_request_is_422_naming_the_field(cluster):

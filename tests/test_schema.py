@@ -44,7 +44,7 @@ def test_nan_in_json_body_is_refused():
 
 def test_good_request_resolves_defaults():
     request = GenerateRequest(prompt="a lighthouse at dusk", size="4k", aspect_ratio="16:9")
-    params = resolve_params(**request.model_dump(exclude_none=True))
+    params = resolve_params(**request.stage_fields())
     assert params.mode == "quality" and params.steps == 30
     assert 0 <= params.seed < 2**31
     preview = resolve_params("a", size="preview")

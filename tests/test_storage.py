@@ -2,9 +2,7 @@
 reached only through boto3 over HTTP."""
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,62 +11,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from deployments.storage import (
-    LocalOutputStore,
-    OutputStore,
-    S3OutputStore,
-    StorageError,
-    s3_client,
-    sync_model,
-    upload_folder,
-)
+from deployments.storage import LocalOutputStore, OutputStore, S3OutputStore, StorageError, sync_model, upload_folder
 from stages.models import ModelDir, weights_digest
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server process; the AWS_* environment points boto3 (and child processes) at it."""
-    port = _free_port()
-    server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(env["AWS_ENDPOINT_URL"], timeout=1)
-                break
-            except requests.RequestException:
-                assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.2)
-        client = s3_client()
-        for bucket in ("models", "outputs"):
-            client.create_bucket(Bucket=bucket)
-        yield client
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def model_url(s3, default_model_dir):
-    upload_folder(default_model_dir, "s3://models/default")
-    return "s3://models/default"
+def model_url(s3_model_url):
+    return s3_model_url
 
 
 def _count_gets(client) -> list:
