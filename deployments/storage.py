@@ -30,8 +30,9 @@ class StorageError(RuntimeError):
     """A storage operation failed; the message says what and where, never with credentials."""
 
 
-def s3_client(endpoint_url: str | None = None, region: str | None = None):
-    config = Config(retries={"mode": "standard", "max_attempts": 5}, signature_version="s3v4")
+def s3_client(endpoint_url: str | None = None, region: str | None = None, retries: int = 5):
+    """A boto3 S3 client: `retries` retries after the first attempt, with the standard mode's backoff."""
+    config = Config(retries={"mode": "standard", "max_attempts": retries}, signature_version="s3v4")
     return boto3.client(
         "s3",
         endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,

@@ -135,3 +135,108 @@ def test_cli_generates_from_an_s3_model(s3, model_url, tmp_path):
     with Image.open(out) as image:
         assert image.size == (256, 256)
     assert cli.main(["generate", "a", "-q", "--model", "s3://no-such-bucket/m", "-o", str(tmp_path / "x.png")]) == 2
+
+
+# --- faults ------------------------------------------------------------------------------------------------
+
+
+def test_wrong_credentials_are_a_clear_error(tmp_path):
+    """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0): unknown keys are refused."""
+    from conftest import _free_port
+
+    from deployments.storage import s3_client
+
+    port = _free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{port}", timeout=1)
+                break
+            except requests.RequestException:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        client = s3_client(endpoint_url=f"http://127.0.0.1:{port}")
+        with pytest.raises(StorageError, match=r"listing s3://models/m: S3 answered InvalidAccessKeyId"):
+            sync_model("s3://models/m", root=tmp_path, client=client)
+        with pytest.raises(StorageError, match=r"writing s3://outputs/x/k.png: S3 answered InvalidAccessKeyId"):
+            S3OutputStore("s3://outputs/x", client=client).put("k.png", b"data")
+        assert not list(tmp_path.rglob("*.safetensors"))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class _FlakyS3Proxy:
+    """A real HTTP proxy in front of the S3 server that answers the first `failures` PUTs with 503 SlowDown."""
+
+    def __init__(self, upstream: str, failures: int):
+        import http.server
+        import threading
+        import urllib.parse
+
+        proxy, target = self, urllib.parse.urlparse(upstream)
+        self.failures, self.puts = failures, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                import http.client
+
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "PUT":
+                    proxy.puts += 1
+                    if proxy.failures > 0:
+                        proxy.failures -= 1
+                        error = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                        self.send_response(503)
+                        self.send_header("Content-Length", str(len(error)))
+                        self.end_headers()
+                        self.wfile.write(error)
+                        return
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("failures,stored", [(2, True), (5, False)])
+def test_s3_503_on_upload_is_retried(s3, failures, stored):
+    from deployments.storage import s3_client
+
+    proxy = _FlakyS3Proxy(os.environ["AWS_ENDPOINT_URL"], failures)
+    try:
+        store = S3OutputStore("s3://outputs/flaky", client=s3_client(endpoint_url=proxy.url, retries=2))
+        key = f"k{failures}.png"
+        if stored:
+            assert store.put(key, b"png bytes") is True
+            assert proxy.puts == failures + 1  # the standard retry mode tried again after each 503
+            assert S3OutputStore("s3://outputs/flaky", client=s3).get(key) == b"png bytes"
+        else:
+            with pytest.raises(StorageError, match="S3 answered SlowDown"):
+                store.put(key, b"png bytes")
+            assert proxy.puts == 3  # the first attempt and 2 retries, then a clear error
+            assert S3OutputStore("s3://outputs/flaky", client=s3).get(key) is None  # nothing partial stored
+    finally:
+        proxy.close()
