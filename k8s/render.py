@@ -73,6 +73,24 @@ def _container(name: str, resources: dict, ports: list[dict]) -> dict:
     }
 
 
+def _pod(container: str, resources: dict, ports: list[dict], tolerations: list[dict] | None = None) -> dict:
+    spec = {"containers": [_container(container, resources, ports)], "volumes": _shm_volume()}
+    if tolerations:
+        spec["tolerations"] = tolerations
+    return {"spec": spec}
+
+
+def _worker_group(name: str, replicas: int, lo: int, hi: int, resources: dict, tolerations=None) -> dict:
+    return {
+        "groupName": name,
+        "replicas": replicas,
+        "minReplicas": lo,
+        "maxReplicas": hi,
+        "rayStartParams": {},
+        "template": _pod("ray-worker", resources, _CONTAINER_PORTS_WORKER, tolerations),
+    }
+
+
 def _k8s_serve_config(cluster: dict) -> dict:
     """cluster.yaml's Serve config with the Kubernetes overlay: pod-IP binding and GPU placement."""
     serve = copy.deepcopy(cluster)
@@ -129,70 +147,25 @@ def render(cluster_yaml_path=CLUSTER_YAML) -> dict:
                 "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 120},
                 "headGroupSpec": {
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                    "template": {
-                        "spec": {
-                            "containers": [
-                                _container(
-                                    "ray-head",
-                                    {
-                                        "requests": {"cpu": "1", "memory": "4Gi"},
-                                        "limits": {"cpu": "2", "memory": "4Gi"},
-                                    },
-                                    _CONTAINER_PORTS_HEAD,
-                                )
-                            ],
-                            "volumes": _shm_volume(),
-                        }
-                    },
+                    "template": _pod(
+                        "ray-head",
+                        {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+                        _CONTAINER_PORTS_HEAD,
+                    ),
                 },
                 "workerGroupSpecs": [
-                    {
-                        "groupName": "cpu",
-                        "replicas": 1,
-                        "minReplicas": 1,
-                        "maxReplicas": 3,
-                        "rayStartParams": {},
-                        "template": {
-                            "spec": {
-                                "containers": [
-                                    _container(
-                                        "ray-worker",
-                                        {
-                                            "requests": {"cpu": "2", "memory": "8Gi"},
-                                            "limits": {"cpu": "2", "memory": "8Gi"},
-                                        },
-                                        _CONTAINER_PORTS_WORKER,
-                                    )
-                                ],
-                                "volumes": _shm_volume(),
-                            }
+                    _worker_group(
+                        "cpu", 1, 1, 3,
+                        {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}},
+                    ),
+                    _worker_group(
+                        "gpu", 0, 0, 4,
+                        {
+                            "requests": {"cpu": "4", "memory": "24Gi"},
+                            "limits": {"cpu": "4", "memory": "24Gi", "nvidia.com/gpu": 1},
                         },
-                    },
-                    {
-                        "groupName": "gpu",
-                        "replicas": 0,
-                        "minReplicas": 0,
-                        "maxReplicas": 4,
-                        "rayStartParams": {},
-                        "template": {
-                            "spec": {
-                                "containers": [
-                                    _container(
-                                        "ray-worker",
-                                        {
-                                            "requests": {"cpu": "4", "memory": "24Gi"},
-                                            "limits": {"cpu": "4", "memory": "24Gi", "nvidia.com/gpu": 1},
-                                        },
-                                        _CONTAINER_PORTS_WORKER,
-                                    )
-                                ],
-                                "volumes": _shm_volume(),
-                                "tolerations": [
-                                    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-                                ],
-                            }
-                        },
-                    },
+                        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    ),
                 ],
             },
         },

@@ -142,24 +142,13 @@ def test_cli_generates_from_an_s3_model(s3, model_url, tmp_path):
 
 def test_wrong_credentials_are_a_clear_error(tmp_path):
     """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0): unknown keys are refused."""
-    from conftest import _free_port
+    from conftest import start_moto
 
     from deployments.storage import s3_client
 
-    port = _free_port()
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, url = start_moto({**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(f"http://127.0.0.1:{port}", timeout=1)
-                break
-            except requests.RequestException:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
-        client = s3_client(endpoint_url=f"http://127.0.0.1:{port}")
+        client = s3_client(endpoint_url=url)
         with pytest.raises(StorageError, match=r"listing s3://models/m: S3 answered InvalidAccessKeyId"):
             sync_model("s3://models/m", root=tmp_path, client=client)
         with pytest.raises(StorageError, match=r"writing s3://outputs/x/k.png: S3 answered InvalidAccessKeyId"):
