@@ -3,7 +3,8 @@
 import torch
 from ray import serve
 
-from deployments.storage import open_model
+from deployments import metrics
+from deployments.storage import StorageError, open_model
 from stages.models import ModelDir
 
 
@@ -19,4 +20,9 @@ def load_model(location: str | None, torch_threads: int) -> ModelDir:
     Replicas share a node's cores: each holding torch's default (all cores) oversubscribes them.
     """
     torch.set_num_threads(torch_threads)
-    return open_model(location)
+    m = metrics.get()
+    try:
+        return open_model(location, on_bytes=lambda n: m.storage_bytes.inc(n, tags={"direction": "in"}))
+    except StorageError:
+        m.storage_errors.inc(tags={"op": "model_sync"})
+        raise

@@ -45,10 +45,10 @@ class _Metrics:
             "flashtile_batch_size", "Requests per dynamic batch.", boundaries=BATCH_BUCKETS, tag_keys=("stage",)
         )
         self.storage_bytes = metrics.Counter(
-            "flashtile_storage_bytes_total", "Bytes written to or read from output storage.", tag_keys=("direction",)
+            "flashtile_storage_bytes_total", "Bytes moved to or from object storage (in: model syncs; out: outputs).", tag_keys=("direction",)
         )
         self.storage_errors = metrics.Counter(
-            "flashtile_storage_errors_total", "Failed storage operations.", tag_keys=("op",)
+            "flashtile_storage_errors_total", "Failed storage operations (model_sync, put).", tag_keys=("op",)
         )
         self.cache = metrics.Counter(
             "flashtile_cache_total", "Cache lookups by cache and result.", tag_keys=("cache", "result")

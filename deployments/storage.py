@@ -59,13 +59,14 @@ def _describe(err: Exception, what: str) -> StorageError:
 # --- model weights: s3://bucket/prefix -> a verified local copy ------------------------------------------------
 
 
-def sync_model(url: str, root: Path | None = None, client=None) -> Path:
+def sync_model(url: str, root: Path | None = None, client=None, on_bytes=None) -> Path:
     """Mirror a model prefix into the local cache and return the local directory.
 
     Every object is checked (size, and MD5 against a single-part ETag) before the copy is used; the copy
     is built in a staging folder and renamed into place, so a partial download is never seen. A file lock
     serialises replicas on one node; an up-to-date copy (same keys, sizes and ETags) is reused.
     Pickle weights anywhere under the prefix refuse the model before anything is downloaded.
+    `on_bytes(n)`, if given, is told how many bytes this call downloaded (0 when the cache was current).
     """
     bucket, prefix = parse_s3_url(url)
     client = client or s3_client()
@@ -99,6 +100,8 @@ def sync_model(url: str, root: Path | None = None, client=None) -> Path:
         try:
             for o in manifest:
                 _download(client, bucket, o, staging / o["key"][len(prefix) + 1 :])
+                if on_bytes is not None:
+                    on_bytes(o["size"])
             check_safetensors_only(staging)
             (staging / SYNC_MANIFEST).write_text(json.dumps(manifest))
             if target.exists():
@@ -109,11 +112,12 @@ def sync_model(url: str, root: Path | None = None, client=None) -> Path:
     return target
 
 
-def open_model(location: str | None) -> ModelDir:
+def open_model(location: str | None, on_bytes=None) -> ModelDir:
     """A model from a local directory, an s3:// prefix (synced into the local cache first, its id the prefix's
     last part) or, when None, the embedded default."""
     if location and location.startswith("s3://"):
-        return ModelDir(sync_model(location), model_id=parse_s3_url(location)[1].rsplit("/", 1)[-1])
+        path = sync_model(location, on_bytes=on_bytes)
+        return ModelDir(path, model_id=parse_s3_url(location)[1].rsplit("/", 1)[-1])
     return resolve_model(location)
 
 

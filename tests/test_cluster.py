@@ -29,6 +29,10 @@ STARTUP_TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def cluster(s3_model_url):
     # The model comes from the S3 server (each replica syncs it into the node's cache); outputs go to S3.
+    # An empty S3 cache, so this session really downloads the model.
+    import shutil
+
+    shutil.rmtree(Path(os.environ["FLASHTILE_CACHE"]) / "s3", ignore_errors=True)
     flashtile = Path(sys.executable).parent / "flashtile"
     log = open(ROOT / ".pytest-cache-flashtile" / "serve.log", "w")
     proc = subprocess.Popen(
@@ -291,7 +295,8 @@ def _promql(query: str) -> list:
 
 def test_prometheus_sees_p50_latency_for_every_stage(prometheus):
     for seed in (1, 2):  # after Prometheus's first scrape, so rates see the increase
-        body = {"prompt": "a green triangle", "size": "1k", "mode": "fast", "steps": 2, "seed": seed}
+        body = {"prompt": "a green triangle", "size": "1k", "mode": "fast", "steps": 2, "seed": seed,
+                "response_format": "url"}
         assert requests.post(f"{URL}/v1/generate", json=body, timeout=300).status_code == 200
     query = "histogram_quantile(0.5, sum by (le, stage) (rate(flashtile_stage_latency_seconds_bucket[2m])))"
     deadline, p50 = time.monotonic() + 90, {}
@@ -305,6 +310,10 @@ def test_prometheus_sees_p50_latency_for_every_stage(prometheus):
     assert _promql("ray_flashtile_stage_latency_seconds_count") == []  # renamed to flashtile_* by the config
     images = _promql('sum(flashtile_images_total{size="1k",mode="fast"})')
     assert images and float(images[0]["value"][1]) >= 2
+    synced = _promql('sum(flashtile_storage_bytes_total{direction="in"})')  # replicas synced the S3 model
+    assert synced and float(synced[0]["value"][1]) > 1e6
+    stored = _promql('sum(flashtile_storage_bytes_total{direction="out"})')  # the url responses' PNGs
+    assert stored and float(stored[0]["value"][1]) > 0
     # Every panel of the shipped Grafana dashboard is a query Prometheus accepts.
     dashboard = json.loads((ROOT / "k8s" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
