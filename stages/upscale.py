@@ -56,8 +56,9 @@ class SpandrelUpscaler:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [1, 3, h, w] in [0, 1] -> [1, 3, h*s, w*s]
-        return self.model(x).clamp(0, 1)
+        # x: [1, 3, h, w] in [0, 1] on any device -> [1, 3, h*s, w*s] float32 on the CPU, where tiles are blended
+        weight = next(self.model.parameters())
+        return self.model(x.to(weight.device, weight.dtype)).clamp(0, 1).float().cpu()
 
 
 class DiffusersX4Upscaler:
@@ -93,7 +94,7 @@ class DiffusersX4Upscaler:
             generator=generator,
             output_type="pt",
         ).images
-        return out.clamp(0, 1)
+        return out.clamp(0, 1).float().cpu()
 
 
 def build_compact_upscaler(seed: int, num_feat: int = 24, num_conv: int = 4, scale: int = 4) -> SpandrelUpscaler:
