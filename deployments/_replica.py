@@ -1,5 +1,7 @@
 """Small helpers shared by the stage deployments."""
 
+import asyncio
+
 import torch
 from ray import serve
 
@@ -26,3 +28,25 @@ def load_model(location: str | None, torch_threads: int) -> ModelDir:
     except StorageError:
         m.storage_errors.inc(tags={"op": "model_sync"})
         raise
+
+
+class TileQueue:
+    """Runs a replica's tile work one call at a time, off the event loop.
+
+    A call cancelled while it waits its turn (its request timed out or its client left) is dropped without
+    running, and counted; one already running finishes its tile.
+    """
+
+    def __init__(self, stage: str):
+        self._stage = stage
+        self._turn = asyncio.Semaphore(1)
+
+    async def run(self, fn, *args):
+        try:
+            await self._turn.acquire()
+        except asyncio.CancelledError:
+            metrics.get().cancellations.inc(tags={"stage": self._stage, "reason": "dropped"})
+            raise
+        work = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        work.add_done_callback(lambda _: self._turn.release())  # the turn ends when the thread does
+        return await asyncio.shield(work)

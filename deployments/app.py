@@ -1,12 +1,15 @@
 """build_app(args): the one place that wires Flashtile's DAG of deployments."""
 
-from pydantic import BaseModel, ConfigDict, Field
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve import Application
 
 from deployments.encoder import EncoderDeployment
 from deployments.generator import GeneratorDeployment
 from deployments.ingress import Ingress
 from deployments.refiner import RefinerDeployment
+from deployments.security import Limits, compile_entry
 from deployments.upscaler import UpscalerDeployment
 
 
@@ -31,6 +34,33 @@ class AppArgs(BaseModel):
     url_ttl_s: int = Field(default=900, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned output URLs.")
     upscale_tile: int = Field(default=256, ge=32, le=2048, description="Upscaler tile side, input pixels.")
     upscale_overlap: int = Field(default=16, ge=0, le=256, description="Overlap between upscaler tiles, input pixels.")
+    # Security and reliability (README: Security and reliability).
+    api_keys: list[str] = Field(
+        default_factory=list, description="Accepted API keys, best as `sha256:<hex>` digests; FLASHTILE_API_KEYS adds "
+        "more. None at all: loopback clients only.",
+    )
+    limits: Limits = Field(default_factory=Limits, description="Per-request caps, checked before any model work.")
+    prompt_blocklist: list[str] = Field(
+        default_factory=list, description="Words or phrases (whole-word, case-insensitive) and `re:` regular "
+        "expressions; a matching prompt gets 400 content_policy_violation.",
+    )
+    max_in_flight: int = Field(
+        default=24, ge=1, le=4096, description="Images in progress per ingress replica; beyond it, 503 with Retry-After.",
+    )
+    request_timeout_s: float = Field(
+        default=300.0, gt=0, le=3600, description="Longest a request may run (a request's timeout_s may shorten it): 408.",
+    )
+    retry_after_s: int = Field(default=5, ge=1, le=600, description="Retry-After sent with a 503.")
+
+    @field_validator("prompt_blocklist")
+    @classmethod
+    def _patterns_compile(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            try:
+                compile_entry(entry)
+            except re.error as err:
+                raise ValueError(f"prompt_blocklist entry {entry!r} is not a valid regular expression: {err}") from None
+        return entries
 
 
 def build_app(args: dict) -> Application:
@@ -40,4 +70,5 @@ def build_app(args: dict) -> Application:
     generator = GeneratorDeployment.bind(*model, a.generator_max_batch, a.generator_batch_wait_s)
     upscaler = UpscalerDeployment.bind(*model, a.upscale_tile, a.upscale_overlap)
     refiner = RefinerDeployment.bind(*model)
-    return Ingress.bind(encoder, generator, upscaler, refiner, a.torch_threads, a.output, a.url_ttl_s)
+    guard = a.model_dump(include={"api_keys", "limits", "prompt_blocklist", "max_in_flight", "request_timeout_s", "retry_after_s"})
+    return Ingress.bind(encoder, generator, upscaler, refiner, a.torch_threads, a.output, a.url_ttl_s, guard=guard)

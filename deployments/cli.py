@@ -1,6 +1,7 @@
-"""`flashtile` command line: generate in process, build the embedded default."""
+"""`flashtile` command line: generate in process, build the embedded default, train and evaluate it."""
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,10 +80,17 @@ def _generate(args: argparse.Namespace) -> int:
         "model": result.model_id,
         "software": "Flashtile",
     }
-    Path(args.output).write_bytes(encode_png(result.image, text))
+    # The watermark's request id: a hash of the request, so a rerun writes the same bytes.
+    import hashlib
+    import json
+
+    request_id = hashlib.sha256(json.dumps(text, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    text["request_id"] = request_id
+    Path(args.output).write_bytes(encode_png(result.image, text, request_id=request_id))
     timings = " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items())
     print(
         f"wrote {args.output}: {result.width}x{result.height} seed={params.seed} mode={params.mode} "
+        f"request_id={request_id} "
         f"steps={result.steps} load={loaded - started:.2f}s {timings} total={time.perf_counter() - started:.2f}s"
         + (" (prompt truncated at the encoder's token limit)" if result.prompt_truncated else "")
     )
@@ -96,19 +104,27 @@ def _serve(args: argparse.Namespace) -> int:
 
     from stages.models import cache_dir, ensure_default_model
 
-    config = args.config
-    if args.model is not None or args.output is not None:
-        # Override the application's args; everything else stays the config's own.
-        import yaml
+    import yaml
 
-        data = yaml.safe_load(Path(config).read_text())
+    config = args.config
+    data = yaml.safe_load(Path(config).read_text())
+    overrides = {k: v for k, v in (("model", args.model), ("output", args.output)) if v is not None}
+    for item in args.arg:
+        name, sep, value = item.partition("=")
+        if not sep:
+            print(f"flashtile: --arg takes NAME=VALUE; got {item!r}", file=sys.stderr)
+            return 2
+        overrides[name] = yaml.safe_load(value)  # YAML: numbers, lists and {a: 1} mappings as in cluster.yaml
+    if overrides:
+        # Override the application's args; everything else stays the config's own.
         for app in data["applications"]:
-            app.setdefault("args", {}).update(
-                {k: v for k, v in (("model", args.model), ("output", args.output)) if v is not None}
-            )
+            app.setdefault("args", {}).update(overrides)
         config = cache_dir() / "serve-config.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(yaml.safe_dump(data, sort_keys=False))
+    keys = os.environ.get("FLASHTILE_API_KEYS", "").strip() or any(a.get("args", {}).get("api_keys") for a in data["applications"])
+    print("Flashtile: API keys configured; inference routes need 'Authorization: Bearer <key>'" if keys else
+          "Flashtile: no API keys configured (FLASHTILE_API_KEYS): serving loopback clients (127.0.0.1, ::1) only")
     if args.model is None:
         ensure_default_model()  # once, before five replicas would race to build it
     ray.init(namespace="serve", _metrics_export_port=args.metrics_port, include_dashboard=False)
@@ -122,6 +138,23 @@ def _build_default(args: argparse.Namespace) -> int:
 
     print(ensure_default_model())
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from toyworld.config import Config
+    from toyworld.train import train
+
+    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None})
+    train(Path(args.out), cfg)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from toyworld.evaluate import main as evaluate
+
+    return evaluate(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,10 +182,29 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--metrics-port", type=int, default=8080, help="port of the cluster's Prometheus metrics")
     serve.add_argument("--model", help="override the config's model: a directory or s3://bucket/prefix")
     serve.add_argument("--output", help="override the config's output storage: a directory or s3://bucket/prefix")
+    serve.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
+                       help="override one application arg (YAML value), e.g. --arg max_in_flight=8 (repeatable)")
     serve.set_defaults(func=_serve)
 
     build = sub.add_parser("build-default", help="build the embedded default model into the cache; print its path")
     build.set_defaults(func=_build_default)
+
+    train = sub.add_parser("train", help="train the embedded default's VAE, UNet and upscaler on the toy world (CPU)")
+    train.add_argument("--out", default="weights/flashtile-default-v1", help="folder for the trained components")
+    from toyworld.config import Config  # no torch import
+
+    for name, default in Config().__dict__.items():
+        train.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(default), help=f"default {default}")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="prompt adherence of a model on held-aside toy-world captions, fast and quality")
+    ev.add_argument("--model", help="model directory (default: the embedded default)")
+    ev.add_argument("-n", type=int, default=200, help="number of held-aside captions")
+    ev.add_argument("--modes", default="quality,fast")
+    ev.add_argument("--validate", type=int, default=1000, help="rendered ground-truth scenes to validate the checker on")
+    ev.add_argument("--json", help="also write the results as JSON here")
+    ev.add_argument("--grid", help="also write a PNG grid of the first prompts (quality mode) here")
+    ev.set_defaults(func=_eval)
 
     args = parser.parse_args(argv)
     return args.func(args)

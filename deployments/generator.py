@@ -24,8 +24,8 @@ class GeneratorDeployment:
         batch_wait_s: float = 0.05,
     ):
         self._generator = BaseGenerator.from_pretrained(load_model(model, torch_threads), device=device)
-        self.generate.set_max_batch_size(max_batch)
-        self.generate.set_batch_wait_timeout_s(batch_wait_s)
+        self._batched.set_max_batch_size(max_batch)
+        self._batched.set_batch_wait_timeout_s(batch_wait_s)
 
     def info(self) -> dict:
         g = self._generator
@@ -36,21 +36,40 @@ class GeneratorDeployment:
             "default_scheduler": g.default_scheduler,
         }
 
+    async def generate(self, embeds: PromptEmbeds, params: dict) -> BaseImage:
+        """One base image. Requests that arrive together share a denoising batch (see _batched).
+
+        When the caller cancels (client gone, deadline), the request leaves its batch; a batch whose
+        requests have all left stops at its next step.
+        """
+        gone = threading.Event()
+        try:
+            return await self._batched(embeds, params, gone)
+        except asyncio.CancelledError:
+            gone.set()
+            raise
+
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def generate(self, embeds: list[PromptEmbeds], params: list[dict]) -> list[BaseImage]:
+    async def _batched(self, embeds: list[PromptEmbeds], params: list[dict], gone: list[threading.Event]) -> list:
         """Requests arriving within the wait that share size, steps, guidance and scheduler run as one batch."""
         groups = defaultdict(list)
         for i, p in enumerate(params):
             groups[tuple(sorted((k, v) for k, v in p.items() if k != "seed"))].append(i)
         out: list[BaseImage | None] = [None] * len(params)
         for shared, members in groups.items():
+            run = _Run([gone[i] for i in members])
             with metrics.timed("base"):
-                images = await asyncio.to_thread(
-                    self._generator.generate_batch, [embeds[i] for i in members], [params[i]["seed"] for i in members],
-                    **dict(shared),
-                )
+                try:
+                    images = await asyncio.to_thread(
+                        self._generator.generate_batch, [embeds[i] for i in members],
+                        [params[i]["seed"] for i in members], on_step=run.on_step, **dict(shared),
+                    )
+                except Cancelled:  # every caller of this group left: nothing to return
+                    metrics.get().cancellations.inc(tags={"stage": "base", "reason": "cancelled"})
+                    continue
+                finally:
+                    metrics.get().steps.inc(run.steps * len(members), tags={"stage": "base"})
             metrics.get().batch_size.observe(len(members), tags={"stage": "base"})
-            metrics.get().steps.inc(images[0].steps * len(members), tags={"stage": "base"})
             for i, image in zip(members, images):
                 image.meta.update(replica=replica_id(), batch_size=len(members))
                 out[i] = image
@@ -65,8 +84,12 @@ class GeneratorDeployment:
         events: queue.Queue = queue.Queue()
         stop, end = threading.Event(), object()
 
+        steps_run = [0]
+
         def on_step(event: StepEvent) -> None:
+            steps_run[0] = event.step
             if stop.is_set():
+                metrics.get().cancellations.inc(tags={"stage": "base", "reason": "cancelled"})
                 raise Cancelled()
             item = {"stage": "base", "step": event.step, "total": event.total}
             if preview_every and (event.step % preview_every == 0 or event.step == event.total):
@@ -79,6 +102,7 @@ class GeneratorDeployment:
             except BaseException as err:  # handed to the reader, which re-raises it
                 events.put(err)
             finally:
+                metrics.get().steps.inc(steps_run[0], tags={"stage": "base"})
                 events.put(end)
 
         threading.Thread(target=work, daemon=True).start()
@@ -93,6 +117,17 @@ class GeneratorDeployment:
     def _generate(self, embeds: PromptEmbeds, params: dict, on_step) -> BaseImage:
         with metrics.timed("base"):
             base = self._generator(embeds, on_step=on_step, **params)
-        metrics.get().steps.inc(base.steps, tags={"stage": "base"})
         base.meta["replica"] = replica_id()
         return base
+
+
+class _Run:
+    """Step callback of one denoising batch: counts steps, and stops the batch once all its callers left."""
+
+    def __init__(self, gone: list[threading.Event]):
+        self.gone, self.steps = gone, 0
+
+    def on_step(self, event: StepEvent) -> None:
+        self.steps = event.step
+        if all(g.is_set() for g in self.gone):
+            raise Cancelled()

@@ -5,18 +5,25 @@ Only this deployment encodes PNG. Between stages travel Ray objects: embeddings,
 
 import asyncio
 import base64
+import binascii
 import hashlib
+import io
 import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -27,37 +34,68 @@ from deployments.schemas import (
     ImageData,
     ImagesRequest,
     ImagesResponse,
+    WatermarkDetectRequest,
+    WatermarkDetectResult,
     describe_errors,
 )
+from deployments import guard as _guard
+from deployments.guard import Guard, GuardMiddleware, Refusal, error as _error
 from deployments.storage import LocalOutputStore, OutputStore, StorageError
 from stages import sizes
 from stages.pipeline import REFINE_BUDGET, resolve_params
+from stages import watermark
 from stages.png import encode_png
 from stages.refine import blend_tiles, select_tiles
 from stages.upscale import TiledUpscale, resize
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="Flashtile", version="0.1.0", description="Fast 4K image generation.")
-RETRY_AFTER_S = 5  # what a client told "busy" waits before trying again
 PREVIEWS_PER_RUN = 8  # streamed base previews per request, at most
+MAX_DETECT_PIXELS = 8192 * 8192  # images larger than this are refused before decoding
 
 
-def _error(status: int, kind: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message, **extra}}, headers=headers)
-
-
-def _busy() -> JSONResponse:
-    return _error(503, "overloaded", "all replicas are busy; retry later", {"Retry-After": str(RETRY_AFTER_S)})
+api.add_middleware(GuardMiddleware)
 
 
 def _body_hash(request: GenerateRequest) -> str:
     """Identity of a request body for Idempotency-Key checks (field order and defaults do not matter)."""
-    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+    return hashlib.sha256(request.model_dump_json(exclude={"timeout_s"}).encode()).hexdigest()
 
 
-async def _awaitable(response):
-    """A DeploymentResponse as a coroutine, for asyncio.as_completed."""
-    return await response
+class _Calls:
+    """One request's stage calls still open; when the request ends early they are cancelled together, so
+    queued tiles are dropped and the generator stops at its next step."""
+
+    def __init__(self):
+        self._open: dict[int, tuple[str, object]] = {}
+        self._closing = False
+
+    def add(self, stage: str, response):
+        self._open[id(response)] = (stage, response)
+        return response
+
+    def done(self, response) -> None:
+        self._open.pop(id(response), None)
+
+    async def wait(self, response):
+        """The call's result (a coroutine, for asyncio.as_completed)."""
+        try:
+            result = await response
+        except Exception:
+            if self._closing:  # cancelled by cancel_all: nobody reads this result any more
+                return None
+            raise
+        self.done(response)
+        return result
+
+    def cancel_all(self) -> Counter:
+        self._closing = True
+        dropped = Counter()
+        for stage, response in self._open.values():
+            response.cancel()
+            dropped[stage] += 1
+        self._open.clear()
+        return dropped
 
 
 _in_flight = 0  # requests inside this ingress replica (one event loop: no lock needed)
@@ -82,19 +120,70 @@ async def _count(request: Request, call_next):
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
-    errors = describe_errors(list(err.errors()))
+    body_models = {"/v1/images/generations": ImagesRequest, "/v1/watermark/detect": WatermarkDetectRequest}
+    errors = describe_errors(list(err.errors()), body_models.get(request.url.path, GenerateRequest))
     return _error(422, "invalid_request", "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors)
+
+
+@api.exception_handler(Refusal)
+async def _refused(request: Request, err: Refusal) -> JSONResponse:
+    return err.response()
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's own errors (unknown route, wrong method, unparsable body) in Flashtile's error shape.
+    kinds = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+    return _error(err.status_code, kinds.get(err.status_code, "http_error"), str(err.detail), err.headers)
 
 
 @api.exception_handler(BackPressureError)
 async def _backpressure(request: Request, err: BackPressureError) -> JSONResponse:
-    return _busy()
+    return _guard.active().busy().response()
+
+
+@api.exception_handler(RayActorError)
+async def _replica_lost(request: Request, err: RayActorError) -> JSONResponse:
+    # A stage replica died under this request. Serve replaces it; the same request (with its Idempotency-Key)
+    # can be sent again.
+    log.warning("a stage replica was lost during a request: %s", type(err).__name__)
+    return Refusal(503, "replica_lost", "a replica serving this request was lost; retry with the same "
+                   "Idempotency-Key", {"Retry-After": "1"}, retry_after=1).response()
 
 
 @api.exception_handler(Exception)
 async def _internal(request: Request, err: Exception) -> JSONResponse:
     log.exception("request failed")  # the trace stays in the server log, never in the response
     return _error(500, "internal", "image generation failed")
+
+
+def _sse_error(kind: str, message: str, **extra) -> str:
+    return f"event: error\ndata: {json.dumps({'type': kind, 'message': message, **extra})}\n\n"
+
+
+def _detect(data: bytes):
+    with Image.open(io.BytesIO(data)) as image:
+        return watermark.detect(image.convert("RGB"))
+
+
+# Defined before the deployment: @serve.ingress serialises the app, and what it uses, at class definition.
+class _Slot:
+    """Capacity held by one request in its ingress replica (see Ingress._admit)."""
+
+    def __init__(self, ingress: "Ingress", images: int):
+        self._ingress, self._images = ingress, images
+        ingress._active += images
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def release(self) -> None:
+        """Give the capacity back (once, however often called)."""
+        self._ingress._active -= self._images
+        self._images = 0
 
 
 @serve.deployment(name="ingress")
@@ -109,12 +198,57 @@ class Ingress:
         torch_threads: int = 1,
         output: str | None = None,
         url_ttl_s: int = 900,
+        *,
+        guard: dict,
     ):
         torch.set_num_threads(torch_threads)  # blending and PNG encoding; the proxy shares the node's cores
         self._encoder, self._generator, self._upscaler, self._refiner = encoder, generator, upscaler, refiner
         self._info: dict | None = None
         self._store = OutputStore.from_location(output)
         self._url_ttl_s = url_ttl_s
+        self._active = 0  # images in progress in this replica (one event loop: no lock needed)
+        self._guard = _guard.ACTIVE["guard"] = Guard.from_args(guard)
+        if len(self._guard.keys):
+            log.info("Flashtile: %d API key(s) configured; inference routes need 'Authorization: Bearer <key>'",
+                     len(self._guard.keys))
+        else:
+            log.warning("Flashtile: no API keys configured (FLASHTILE_API_KEYS or api_keys): serving loopback clients "
+                        "only; every other client gets 403")
+
+    # --- admission: limits, policy, capacity, deadline -----------------------------------------------------
+
+    async def _screen(self, request: GenerateRequest, images: int = 1) -> None:
+        """Refuse what this server will not run, before any model work: limits (422), policy (400)."""
+        base = (await self._stage_info())["generator"]["base_resolution"]
+        exceeded = self._guard.limits.check(request, images, base)
+        if exceeded is not None:
+            raise Refusal(422, "limit_exceeded", exceeded.message, limit=exceeded.limit, allowed=exceeded.allowed)
+        if self._guard.policy.blocks(request.prompt):
+            metrics.get().blocked.inc()
+            raise Refusal(400, "content_policy_violation", "the prompt was rejected by this server's content policy")
+
+    def _admit(self, images: int) -> "_Slot":
+        """Hold `images` of this replica's capacity, or refuse at once (503 + Retry-After): no unbounded queue."""
+        if self._active + images > self._guard.max_in_flight:
+            raise self._guard.busy(f"server at capacity ({self._guard.max_in_flight} images in progress); retry later")
+        return _Slot(self, images)
+
+    def _deadline(self, request: GenerateRequest) -> float:
+        return min(request.timeout_s or self._guard.request_timeout_s, self._guard.request_timeout_s)
+
+    async def _bounded(self, request: GenerateRequest, work):
+        """Await `work` within the request's deadline: 408 when it runs out (the work is cancelled)."""
+        deadline = self._deadline(request)
+        try:
+            async with asyncio.timeout(deadline):
+                return await work
+        except TimeoutError:
+            metrics.get().cancellations.inc(tags={"stage": "request", "reason": "timeout"})
+            raise Refusal(408, "timeout", f"the request ran longer than its timeout of {deadline:g} s and was "
+                          "cancelled; nothing was stored", timeout_s=deadline) from None
+        except asyncio.CancelledError:  # the client went away (Serve cancels the request)
+            metrics.get().cancellations.inc(tags={"stage": "request", "reason": "disconnect"})
+            raise
 
     async def _stage_info(self) -> dict:
         if self._info is None:
@@ -127,12 +261,24 @@ class Ingress:
     # --- the DAG ------------------------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest | dict) -> GenerateResult:
-        """Python API (through serve.get_app_handle("flashtile")): one request in, the typed result out."""
+        """Python API (through serve.get_app_handle("flashtile")): one request in, the typed result out.
+
+        The same limits, policy, capacity and deadline as HTTP; a refusal raises ValueError naming it.
+        """
         if isinstance(request, dict):
             request = GenerateRequest.model_validate(request)
+        try:
+            await self._screen(request)
+            with self._admit(1):
+                return await self._bounded(request, self._produce(request))
+        except Refusal as err:
+            raise ValueError(f"{err.status} {err.kind}: {err.message}") from None
+
+    async def _produce(self, request: GenerateRequest, base_url: str = "") -> GenerateResult:
+        """The result with its delivery filled in (a URL when response_format is url)."""
         result, output_key = await self._complete(request)
         if output_key is not None:
-            result.url = self._url(output_key)
+            result.url = self._url(output_key, base_url)
         return result
 
     async def _complete(self, request: GenerateRequest) -> tuple[GenerateResult, str | None]:
@@ -144,29 +290,44 @@ class Ingress:
 
     async def _run(self, request: GenerateRequest, stream: bool) -> AsyncIterator[dict]:
         """Run the four stages for one request, yielding progress events and, last, {"event": "result"}."""
+        calls = _Calls()
+        try:
+            async for event in self._stages(request, stream, calls):
+                yield event
+        finally:
+            # Ended early (deadline, client gone, a stage failed): stop the work nobody will read.
+            for stage, n in calls.cancel_all().items():
+                if stage in ("upscale", "refine"):  # tiles still queued or running; the replicas drop the queued
+                    metrics.get().cancellations.inc(n, tags={"stage": stage, "reason": "cancelled"})
+
+    async def _stages(self, request: GenerateRequest, stream: bool, calls: _Calls) -> AsyncIterator[dict]:
         info = await self._stage_info()
         g = info["generator"]
         params = resolve_params(default_scheduler=g["default_scheduler"], **request.stage_fields())
+        request_id = watermark.new_request_id()  # carried by the image's watermark
         timings, steps, replicas = {}, {}, {}
 
         # 1+2. Encode and generate: the encoder's response goes to the generator unawaited (a reference).
         t0 = time.perf_counter()
-        embeds = self._encoder.encode.remote(params.prompt, params.negative_prompt)
+        embeds = calls.add("encode", self._encoder.encode.remote(params.prompt, params.negative_prompt))
         width, height = sizes.base_size(params.aspect_ratio, g["base_resolution"], g["size_multiple"])
         base_params = dict(seed=params.seed, width=width, height=height, steps=params.steps,
                            guidance_scale=params.guidance_scale, scheduler=params.scheduler)
         if stream:
             every = max(1, params.steps // PREVIEWS_PER_RUN)
-            async for item in self._generator.options(stream=True).generate_stream.remote(embeds, base_params, every):
+            progress = calls.add("base", self._generator.options(stream=True).generate_stream.remote(embeds, base_params, every))
+            async for item in progress:
                 if isinstance(item, dict):
                     preview = item.pop("preview", None)
                     if preview is not None:
-                        item["preview_png_b64"] = base64.b64encode(encode_png(preview)).decode()
+                        png = encode_png(preview, request_id=request_id)
+                        item["preview_png_b64"] = base64.b64encode(png).decode()
                     yield {"event": "progress", **item}
                 else:
                     base = item
+            calls.done(progress)
         else:
-            base = await self._generator.generate.remote(embeds, base_params)
+            base = await calls.wait(calls.add("base", self._generator.generate.remote(embeds, base_params)))
         timings["encode+base"] = time.perf_counter() - t0
         steps["base"], replicas["base_generator"] = base.steps, [base.meta.get("replica", "")]
         image = base.image
@@ -182,9 +343,9 @@ class Ingress:
                 if p.kind == "resize":
                     image = resize(image, p.size)
                     continue
-                calls = [self._upscaler.upscale_tile.remote(t) for t in geometry.split(image)]
+                pending = [calls.add("upscale", self._upscaler.upscale_tile.remote(t)) for t in geometry.split(image)]
                 tiles = []
-                for call in asyncio.as_completed([_awaitable(c) for c in calls]):
+                for call in asyncio.as_completed([calls.wait(c) for c in pending]):
                     tiles.append(await call)
                     done += 1
                     if stream:
@@ -198,12 +359,12 @@ class Ingress:
             t0 = time.perf_counter()
             ref = info["refiner"]
             chosen = select_tiles(image, ref["tile_size"], ref["overlap"], REFINE_BUDGET[params.size])
-            calls = [
-                self._refiner.refine_tile.remote(t, embeds, params.seed, params.steps, params.guidance_scale)
+            pending = [
+                calls.add("refine", self._refiner.refine_tile.remote(t, embeds, params.seed, params.steps, params.guidance_scale))
                 for t in chosen
             ]
             refined = {}
-            for call in asyncio.as_completed([_awaitable(c) for c in calls]):
+            for call in asyncio.as_completed([calls.wait(c) for c in pending]):
                 tile = await call
                 refined[tile.index] = tile
                 if stream:
@@ -216,15 +377,15 @@ class Ingress:
             steps["refine_steps_per_tile"] = next(iter(refined.values())).meta["steps"] if refined else 0
             replicas["refiner"] = sorted({t.meta["replica"] for t in refined.values()})
 
-        # 5. Encode the PNG (the only full-size encode in the DAG).
+        # 5. Watermark and encode the PNG (the only full-size encode in the DAG), off the event loop.
         t0 = time.perf_counter()
-        embeds_result = await embeds
-        png = encode_png(image.clamp(0, 1), {
+        embeds_result = await calls.wait(embeds)
+        png = await asyncio.to_thread(encode_png, image.clamp(0, 1), request_id=request_id, text={
             "prompt": params.prompt, "seed": params.seed, "size": params.size, "aspect_ratio": params.aspect_ratio,
             "mode": params.mode, "steps": ",".join(f"{k}={v}" for k, v in steps.items()), "model": g["model_id"],
-            "software": "Flashtile",
+            "software": "Flashtile", "request_id": request_id,
         })
-        timings["encode_png"] = time.perf_counter() - t0
+        timings["watermark+png"] = time.perf_counter() - t0
         metrics.get().images.inc(tags={"size": params.size, "mode": params.mode})
         delivery, output_key = {"image_b64": base64.b64encode(png).decode()}, None
         if request.response_format == "url":
@@ -232,7 +393,7 @@ class Ingress:
             await self._put(output_key, png, "image/png")
             delivery = {}  # the caller signs the URL: only it knows the client's base URL
         yield {"event": "result", "output_key": output_key, "result": GenerateResult(
-            **delivery, seed=params.seed, width=image.shape[-1], height=image.shape[-2],
+            **delivery, request_id=request_id, seed=params.seed, width=image.shape[-1], height=image.shape[-2],
             size=params.size, aspect_ratio=params.aspect_ratio, mode=params.mode, scheduler=params.scheduler,
             model=g["model_id"], steps=steps, timings={k: round(v, 4) for k, v in timings.items()},
             prompt_truncated=embeds_result.truncated, replicas=replicas, base_batch_size=base.meta.get("batch_size", 1),
@@ -295,24 +456,28 @@ class Ingress:
         ),
     ):
         base_url = str(request.base_url).rstrip("/")
+        # 1. Refuse what will not run (limits, policy), before any model work or storage lookup.
+        await self._screen(body)
+        # 2. A known Idempotency-Key answers from storage: no model work. Keys are per caller.
+        scoped_key = None if idempotency_key is None else f"{request.state.principal}:{idempotency_key}"
         replayed = False
-        # 1. A known Idempotency-Key answers from storage: no model work.
-        if idempotency_key is not None:
-            status, result = await self._idempotent(idempotency_key, body, base_url)
+        if scoped_key is not None:
+            status, result = await self._idempotent(scoped_key, body, base_url)
             if status == 409:
                 return _error(409, "idempotency_conflict", "this Idempotency-Key was used with a different request body")
             replayed = result is not None
-        # 2. Otherwise generate, and remember the result under the key.
+        # 3. Otherwise generate within capacity and deadline, and remember the result under the key.
         if not replayed:
-            try:
-                result, output_key = await self._complete(body)
-            except ValueError as err:  # a stage's own input check: still the client's request
-                return _error(422, "invalid_request", str(err))
+            with self._admit(1):
+                try:
+                    result, output_key = await self._bounded(body, self._complete(body))
+                except ValueError as err:  # a stage's own input check: still the client's request
+                    return _error(422, "invalid_request", str(err))
             if output_key is not None:
                 result.url = self._url(output_key, base_url)
-            if idempotency_key is not None:
-                status, result = await self._remember(idempotency_key, body, result, output_key, base_url)
-        headers = {"X-Flashtile-Seed": str(result.seed), "X-Flashtile-Model": result.model}
+            if scoped_key is not None:
+                status, result = await self._remember(scoped_key, body, result, output_key, base_url)
+        headers = {"X-Flashtile-Seed": str(result.seed), "X-Flashtile-Model": result.model, "X-Flashtile-Request-Id": result.request_id}
         if idempotency_key is not None:
             headers["Idempotent-Replayed"] = "true" if replayed else "false"
         if result.image_b64 is not None and "image/png" in request.headers.get("accept", ""):
@@ -325,34 +490,49 @@ class Ingress:
             data = await asyncio.to_thread(self._store.get, key) if isinstance(self._store, LocalOutputStore) else None
         except ValueError:
             data = None
-        if data is None or not key.startswith(("images/", "idempotent/")):
+        if data is None or not key.startswith("images/"):
             return _error(404, "not_found", "no such output")
         return Response(content=data, media_type="image/png")
 
     @api.post("/v1/generate/stream", summary="Generate one image, streaming progress (server-sent events)")
     async def http_generate_stream(self, body: GenerateRequest, request: Request):
         """Events: `progress` ({stage, step, total}, base steps with `preview_png_b64`), then `result`
-        (the native JSON result) or `error`."""
+        (the native JSON result) or `error` ({type, message}; type timeout, overloaded, replica_lost, ...)."""
+        await self._screen(body)
+        slot = self._admit(1)  # refused here with a real 503; released when the stream ends
 
         async def events():
             try:
-                async for event in self._run(body, stream=True):
-                    kind = event.pop("event")
-                    data = event
-                    if kind == "result":
-                        if event["output_key"] is not None:
-                            event["result"].url = self._url(event["output_key"], str(request.base_url).rstrip("/"))
-                        data = event["result"].model_dump()
-                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                async with asyncio.timeout(self._deadline(body)):
+                    async for event in self._run(body, stream=True):
+                        kind = event.pop("event")
+                        data = event
+                        if kind == "result":
+                            if event["output_key"] is not None:
+                                event["result"].url = self._url(event["output_key"], str(request.base_url).rstrip("/"))
+                            data = event["result"].model_dump()
+                        yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+            except TimeoutError:
+                metrics.get().cancellations.inc(tags={"stage": "request", "reason": "timeout"})
+                yield _sse_error("timeout", f"the request ran longer than {self._deadline(body):g} s and was cancelled")
+            except asyncio.CancelledError:
+                metrics.get().cancellations.inc(tags={"stage": "request", "reason": "disconnect"})
+                raise
             except BackPressureError:
-                yield f"event: error\ndata: {json.dumps({'type': 'overloaded', 'retry_after': RETRY_AFTER_S})}\n\n"
+                yield _sse_error("overloaded", "all replicas are busy; retry later", retry_after=self._guard.retry_after_s)
+            except RayActorError:
+                yield _sse_error("replica_lost", "a replica serving this request was lost; retry", retry_after=1)
             except ValueError as err:
-                yield f"event: error\ndata: {json.dumps({'type': 'invalid_request', 'message': str(err)})}\n\n"
+                yield _sse_error("invalid_request", str(err))
             except Exception:
                 log.exception("stream failed")
-                yield f"event: error\ndata: {json.dumps({'type': 'internal', 'message': 'image generation failed'})}\n\n"
+                yield _sse_error("internal", "image generation failed")
+            finally:
+                slot.release()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        # The background task also releases the slot should the stream never start (client gone at once).
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(slot.release))
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, summary="OpenAI Images API")
     async def openai_images(self, body: ImagesRequest, request: Request):
@@ -360,17 +540,39 @@ class Ingress:
         model_id = info["generator"]["model_id"]
         if body.model not in (None, model_id, "flashtile"):
             return _error(404, "model_not_found", f"model must be {model_id!r} (or omitted); got {body.model!r}")
-        try:
-            results = await asyncio.gather(*[self.generate(body.to_generate(i)) for i in range(body.n)])
-            for r in results:
-                if r.url is not None and r.url.startswith("/"):  # local storage: make it absolute
-                    r.url = str(request.base_url).rstrip("/") + r.url
-        except ValueError as err:
-            return _error(422, "invalid_request", str(err))
+        first = body.to_generate(0)
+        await self._screen(first, images=body.n)
+        base_url = str(request.base_url).rstrip("/")
+        with self._admit(body.n):
+            try:
+                work = asyncio.gather(*[self._produce(body.to_generate(i), base_url) for i in range(body.n)])
+                results = await self._bounded(first, work)
+            except ValueError as err:
+                return _error(422, "invalid_request", str(err))
         return ImagesResponse(
             created=int(time.time()),
             data=[ImageData(b64_json=r.image_b64, url=r.url, revised_prompt=body.prompt, seed=r.seed) for r in results],
         )
+
+    @api.post("/v1/watermark/detect", response_model=WatermarkDetectResult, summary="Is Flashtile's watermark in this image?")
+    async def watermark_detect(self, body: WatermarkDetectRequest):
+        try:
+            data = base64.b64decode(body.image_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise Refusal(422, "invalid_request", "image_b64: not valid base64", field="image_b64") from None
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                width, height, fmt = probe.width, probe.height, probe.format
+        except (UnidentifiedImageError, OSError, ValueError):
+            raise Refusal(422, "invalid_request", "image_b64: not a PNG, JPEG or WebP image", field="image_b64") from None
+        if fmt not in ("PNG", "JPEG", "WEBP"):
+            raise Refusal(422, "invalid_request", f"image_b64: format must be PNG, JPEG or WebP; got {fmt}", field="image_b64")
+        if width * height > MAX_DETECT_PIXELS:
+            raise Refusal(413, "image_too_large", f"image is {width}x{height}; at most {MAX_DETECT_PIXELS} pixels",
+                          limit=MAX_DETECT_PIXELS)
+        found = await asyncio.to_thread(_detect, data)
+        return WatermarkDetectResult(watermarked=found.found, request_id=found.request_id, width=width, height=height,
+                                     bit_agreement=round(found.bit_agreement, 4), method=found.method)
 
     @api.get("/v1/models", summary="Models this cluster serves")
     async def models(self):
@@ -382,3 +584,4 @@ class Ingress:
     @api.get("/healthz", summary="Liveness")
     async def healthz(self):
         return {"status": "ok"}
+

@@ -18,7 +18,7 @@ LATENCY_BUCKETS_S = sorted(
     | set(TIER_TARGETS_S.values())
 )
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 32, 64]
-ROUTES = ("/v1/generate", "/v1/generate/stream", "/v1/images/generations", "/v1/models", "/healthz")
+ROUTES = ("/v1/generate", "/v1/generate/stream", "/v1/images/generations", "/v1/watermark/detect", "/v1/models", "/healthz")
 
 
 class _Metrics:
@@ -50,6 +50,11 @@ class _Metrics:
         self.storage_errors = metrics.Counter(
             "flashtile_storage_errors_total", "Failed storage operations (model_sync, put).", tag_keys=("op",)
         )
+        self.cancellations = metrics.Counter(
+            "flashtile_cancellations_total", "Work stopped early: requests (timeout, disconnect), base runs stopped "
+            "mid-denoising (cancelled), queued tiles dropped (dropped).", tag_keys=("stage", "reason"),
+        )
+        self.blocked = metrics.Counter("flashtile_prompts_blocked_total", "Prompts refused by the content policy.")
         self.cache = metrics.Counter(
             "flashtile_cache_total", "Cache lookups by cache and result.", tag_keys=("cache", "result")
         )

@@ -3,7 +3,7 @@
 from ray import serve
 
 from deployments import metrics
-from deployments._replica import load_model, replica_id
+from deployments._replica import TileQueue, load_model, replica_id
 from stages.refine import Refiner
 from stages.types import PromptEmbeds, Tile
 
@@ -12,12 +12,16 @@ from stages.types import PromptEmbeds, Tile
 class RefinerDeployment:
     def __init__(self, model: str | None = None, device: str = "cpu", torch_threads: int = 1):
         self._refiner = Refiner.from_pretrained(load_model(model, torch_threads), device=device)
+        self._queue = TileQueue("refine")
 
     def info(self) -> dict:
         r = self._refiner
         return {"tile_size": r.tile_size, "overlap": r.overlap, "strength": r.strength}
 
-    def refine_tile(self, tile: Tile, embeds: PromptEmbeds, seed: int, steps: int, guidance_scale: float) -> Tile:
+    async def refine_tile(self, tile: Tile, embeds: PromptEmbeds, seed: int, steps: int, guidance_scale: float) -> Tile:
+        return await self._queue.run(self._refine, tile, embeds, seed, steps, guidance_scale)
+
+    def _refine(self, tile: Tile, embeds: PromptEmbeds, seed: int, steps: int, guidance_scale: float) -> Tile:
         with metrics.timed("refine"):
             tile = self._refiner.refine_tile(tile, embeds, seed=seed, steps=steps, guidance_scale=guidance_scale)
         metrics.get().tiles.inc(tags={"stage": "refine"})

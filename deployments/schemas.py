@@ -15,6 +15,8 @@ MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**63 - 1
+MAX_TIMEOUT_S = 3600.0
+DELIVERY_FIELDS = {"response_format", "timeout_s"}  # how the answer is delivered, not what is drawn
 
 
 class GenerateRequest(BaseModel):
@@ -42,10 +44,14 @@ class GenerateRequest(BaseModel):
     response_format: Literal["b64_json", "url"] = Field(
         default="b64_json", description="b64_json: the PNG in the answer; url: a link to the stored PNG."
     )
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False,
+        description="Give up (408) after this many seconds; the server's request_timeout_s caps it.",
+    )
 
     def stage_fields(self) -> dict:
         """The fields the stages run on (what resolve_params takes): not how the answer is delivered."""
-        return self.model_dump(exclude_none=True, exclude={"response_format"})
+        return self.model_dump(exclude_none=True, exclude=DELIVERY_FIELDS)
 
     @field_validator("prompt")
     @classmethod
@@ -62,8 +68,9 @@ class GenerateRequest(BaseModel):
         return value
 
 
-def describe_errors(errors: ValidationError | list[dict]) -> list[dict]:
-    """Validation errors (pydantic's, or FastAPI's request errors) as [{field, message, got}].
+def describe_errors(errors: ValidationError | list[dict], model: type[BaseModel] | None = None) -> list[dict]:
+    """Validation errors (pydantic's, or FastAPI's request errors) as [{field, message, got}]; an unknown
+    field's message lists `model`'s fields (default: GenerateRequest's).
 
     No URLs, no internals, long or odd inputs left out: safe to send to clients as it is.
     """
@@ -81,7 +88,7 @@ def describe_errors(errors: ValidationError | list[dict]) -> list[dict]:
             got = got[:77] + "..."
         message = e.get("msg", "invalid")
         if e.get("type") == "extra_forbidden":
-            message = f"unknown field; allowed: {', '.join(GenerateRequest.model_fields)}"
+            message = f"unknown field; allowed: {', '.join((model or GenerateRequest).model_fields)}"
         out.append({"field": field, "message": message, "got": got})
     return out
 
@@ -93,6 +100,7 @@ def error_text(err: ValidationError) -> str:
 class GenerateResult(BaseModel):
     """A finished image and how it was made."""
 
+    request_id: str = Field(description="This image's id; its invisible watermark carries it (POST /v1/watermark/detect).")
     image_b64: str | None = Field(default=None, description="The PNG, base64-encoded (response_format b64_json).")
     url: str | None = Field(default=None, description="Where to GET the PNG (response_format url); expires.")
     seed: int
@@ -150,6 +158,7 @@ class ImagesRequest(BaseModel):
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
     scheduler: SchedulerName | None = None
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
 
     @field_validator("size")
     @classmethod
@@ -167,6 +176,7 @@ class ImagesRequest(BaseModel):
             seed=None if self.seed is None else min(self.seed + index, MAX_SEED),
             size=self.tier or tier, aspect_ratio=self.aspect_ratio or aspect, mode=mode, steps=self.steps,
             guidance_scale=self.guidance_scale, scheduler=self.scheduler, response_format=self.response_format,
+            timeout_s=self.timeout_s,
         )
 
 
@@ -180,3 +190,21 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+
+
+# --- watermark detection (POST /v1/watermark/detect) -----------------------------------------------------------
+
+
+class WatermarkDetectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image_b64: str = Field(min_length=1, description="The image (PNG, JPEG or WebP), base64-encoded.")
+
+
+class WatermarkDetectResult(BaseModel):
+    watermarked: bool = Field(description="Flashtile's mark is there (its tag and checksum match).")
+    request_id: str | None = Field(default=None, description="The request id the mark holds (GenerateResult.request_id).")
+    width: int
+    height: int
+    bit_agreement: float = Field(description="Share of the mark's bit copies that agree (about 0.6 without a mark, 1.0 with).")
+    method: str = Field(description="The watermark method that was looked for.")

@@ -3,7 +3,7 @@
 from ray import serve
 
 from deployments import metrics
-from deployments._replica import load_model, replica_id
+from deployments._replica import TileQueue, load_model, replica_id
 from stages.pipeline import upscaler_location
 from stages.types import Tile
 from stages.upscale import Upscaler
@@ -13,12 +13,16 @@ from stages.upscale import Upscaler
 class UpscalerDeployment:
     def __init__(self, model: str | None = None, device: str = "cpu", torch_threads: int = 1, tile_size: int = 256, overlap: int = 16):
         self._upscaler = Upscaler.from_pretrained(upscaler_location(load_model(model, torch_threads)), device=device, tile_size=tile_size, overlap=overlap)
+        self._queue = TileQueue("upscale")
 
     def info(self) -> dict:
         u = self._upscaler
         return {"scale": u.scale, "tile_size": u.tile_size, "overlap": u.overlap}
 
-    def upscale_tile(self, tile: Tile) -> Tile:
+    async def upscale_tile(self, tile: Tile) -> Tile:
+        return await self._queue.run(self._upscale, tile)
+
+    def _upscale(self, tile: Tile) -> Tile:
         with metrics.timed("upscale"):
             tile = self._upscaler.upscale_tile(tile)
         metrics.get().tiles.inc(tags={"stage": "upscale"})

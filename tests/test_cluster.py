@@ -5,6 +5,7 @@ One cluster per test session (module-scoped here): start-up is the slow part on 
 """
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -24,6 +25,12 @@ METRICS_PORT = 8080
 OUTPUT = "s3://outputs/flashtile"
 PROMETHEUS = "http://127.0.0.1:9091"
 STARTUP_TIMEOUT_S = 240
+KEYS = ("test-key-alpha", "test-key-beta")
+CONFIG_KEY = "test-key-from-config"  # given to the cluster as an app arg, by its SHA-256 digest only
+API = requests.Session()  # every inference route needs a key: the cluster runs with FLASHTILE_API_KEYS set
+API.headers["Authorization"] = f"Bearer {KEYS[0]}"
+BLOCKLIST = ["forbidden", r"re:\bgor(e|y)\b"]
+MAX_IN_FLIGHT = 10
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +44,18 @@ def cluster(s3_model_url):
     log = open(ROOT / ".pytest-cache-flashtile" / "serve.log", "w")
     proc = subprocess.Popen(
         [str(flashtile), "serve", "cluster.yaml", "--metrics-port", str(METRICS_PORT),
-         "--model", s3_model_url, "--output", OUTPUT],
+         "--model", s3_model_url, "--output", OUTPUT,
+         "--arg", f"prompt_blocklist={json.dumps(BLOCKLIST)}", "--arg", f"max_in_flight={MAX_IN_FLIGHT}",
+         "--arg", f"api_keys={json.dumps(['sha256:' + hashlib.sha256(CONFIG_KEY.encode()).hexdigest()])}"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "FLASHTILE_API_KEYS": ",".join(KEYS)},
     )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             assert proc.poll() is None, f"flashtile serve exited with {proc.returncode}; see {log.name}"
             try:
-                if requests.get(f"{URL}/v1/models", timeout=5).status_code == 200:
+                if API.get(f"{URL}/v1/models", timeout=5).status_code == 200:
                     break
             except requests.RequestException:
                 pass
@@ -69,13 +79,147 @@ def _png(resp) -> Image.Image:
     return Image.open(io.BytesIO(resp.content))
 
 
-EXPECTED = {"preview": (336, 192), "1k": (1024, 576), "2k": (2048, 1152)}
+def _metrics() -> dict[tuple, float]:
+    """The cluster's own metrics endpoint (what Prometheus scrapes), summed over replicas:
+    {(name, ((label, value), ...)): value} for Flashtile's series, with Ray's per-process labels left out."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    out: dict[tuple, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_flashtile_"):
+                labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k in ("stage", "reason", "route", "status", "cache", "le")))
+                key = (sample.name.removeprefix("ray_"), labels)
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def _total(snapshot: dict, name: str, **labels) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in snapshot.items() if n == name and want <= set(ls))
+
+
+def _wait_for(predicate, timeout_s: float = 60, every_s: float = 1.0):
+    """Poll the metrics until predicate(snapshot) holds (Ray's agents export every few seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snapshot = _metrics()
+        if predicate(snapshot) or time.monotonic() > deadline:
+            return snapshot
+        time.sleep(every_s)
+
+
+def _stage_work(snapshot: dict) -> dict[str, float]:
+    return {stage: _total(snapshot, "flashtile_stage_latency_seconds_count", stage=stage)
+            for stage in ("encode", "base", "upscale", "refine")}
+
+
+BIG_BODY = json.dumps({"prompt": "x" * 70_000})
+
+
+def _bad_requests() -> list[tuple[str, str, dict, object, int]]:
+    """(name, path, headers, body, expected status): every one refused before any model work."""
+    ok = {"prompt": "a red star", "size": "preview"}
+    js = {"Content-Type": "application/json"}
+    return [
+        ("no key", "/v1/generate", {"Authorization": ""}, ok, 401),
+        ("wrong key", "/v1/generate", {"Authorization": "Bearer not-a-key"}, ok, 401),
+        ("basic auth", "/v1/generate", {"Authorization": "Basic dGVzdDp0ZXN0"}, ok, 401),
+        ("no key, openai", "/v1/images/generations", {"Authorization": ""}, {"prompt": "a"}, 401),
+        ("oversized tier", "/v1/generate", {}, {**ok, "size": "8k"}, 422),
+        ("oversized openai size", "/v1/images/generations", {}, {"prompt": "a", "size": "8192x8192"}, 422),
+        ("unknown aspect", "/v1/generate", {}, {**ok, "aspect_ratio": "2:1"}, 422),
+        ("huge prompt", "/v1/generate", {}, {**ok, "prompt": "x" * 2001}, 422),
+        ("blank prompt", "/v1/generate", {}, {**ok, "prompt": "   "}, 422),
+        ("unknown field", "/v1/generate", {}, {**ok, "colour": "red"}, 422),
+        ("NaN guidance", "/v1/generate", js, '{"prompt": "a", "guidance_scale": NaN}', 422),
+        ("infinite guidance", "/v1/generate", js, '{"prompt": "a", "guidance_scale": Infinity}', 422),
+        ("zero steps", "/v1/generate", {}, {**ok, "steps": 0}, 422),
+        ("too many steps", "/v1/generate", {}, {**ok, "steps": 151}, 422),
+        ("negative seed", "/v1/generate", {}, {**ok, "seed": -1}, 422),
+        ("preview in quality mode", "/v1/generate", {}, {**ok, "mode": "quality"}, 422),
+        ("zero timeout", "/v1/generate", {}, {**ok, "timeout_s": 0}, 422),
+        ("bad response_format", "/v1/generate", {}, {**ok, "response_format": "gif"}, 422),
+        ("not JSON", "/v1/generate", js, "prompt=a red star", 422),
+        ("a form, not JSON", "/v1/generate", {"Content-Type": "application/x-www-form-urlencoded"}, "prompt=a", 422),
+        ("idempotency key too long", "/v1/generate", {"Idempotency-Key": "k" * 256}, ok, 422),
+        ("huge body", "/v1/generate", js, BIG_BODY, 413),
+        ("huge chunked body", "/v1/generate", {**js, "chunked": "1"}, BIG_BODY, 413),
+        ("pixel-step budget", "/v1/generate", {}, {**ok, "size": "4k", "steps": 140}, 422),
+        ("too many images", "/v1/images/generations", {}, {"prompt": "a", "n": 5}, 422),
+        ("unknown model", "/v1/images/generations", {}, {"prompt": "a", "model": "dall-e-3"}, 404),
+        ("blocked word", "/v1/generate", {}, {**ok, "prompt": "a FORBIDDEN castle"}, 400),
+        ("blocked pattern, openai", "/v1/images/generations", {}, {"prompt": "gory scenes"}, 400),
+        ("blocked, stream", "/v1/generate/stream", {}, {**ok, "prompt": "forbidden fruit"}, 400),
+        ("bad field, stream", "/v1/generate/stream", {}, {**ok, "steps": "many"}, 422),
+        ("bad base64", "/v1/watermark/detect", {}, {"image_b64": "not base64!"}, 422),
+        ("not an image", "/v1/watermark/detect", {}, {"image_b64": base64.b64encode(b"hello").decode()}, 422),
+        ("wrong method", "/v1/generate", {"method": "GET"}, None, 405),
+    ]
+
+
+def _send(path: str, headers: dict, body) -> requests.Response:
+    headers = dict(headers)
+    method = headers.pop("method", "POST")
+    chunked = headers.pop("chunked", None)
+    session = API if headers.get("Authorization", "x") else requests  # "" = no Authorization header at all
+    headers = {k: v for k, v in headers.items() if v}
+    if isinstance(body, str):
+        raw = body.encode()
+        data = (raw[i:i + 8192] for i in range(0, len(raw), 8192)) if chunked else raw  # a generator: chunked
+        return session.request(method, f"{URL}{path}", data=data, headers=headers, timeout=60)
+    return session.request(method, f"{URL}{path}", json=body, headers=headers, timeout=60)
+
+
+# First in this module: the cluster has done no work yet, so the stage counters show any work exactly.
+def test_bad_requests_get_the_right_4xx_and_no_model_work(cluster):
+    cases = _bad_requests()
+    assert len(cases) >= 20 and len({c[0] for c in cases}) == len(cases)
+    before = _metrics()
+    for name, path, headers, body, expected in cases:
+        resp = _send(path, headers, body)
+        assert resp.status_code == expected, (name, resp.status_code, resp.text[:300])
+        error = resp.json()["error"]
+        assert error["type"] and error["message"] and "Traceback" not in resp.text, name
+    # One real request after them: once its work shows in the metrics, so would any the bad ones caused.
+    assert API.post(f"{URL}/v1/generate", json={"prompt": "a red star", "size": "preview", "steps": 1}, timeout=300).ok
+    after = _wait_for(lambda m: _stage_work(m)["base"] >= _stage_work(before)["base"] + 1
+                      and _total(m, "flashtile_requests_total", status="401") >= 4)
+    time.sleep(12)  # one more export round of every replica
+    after = _metrics()
+    work = {k: after_v - _stage_work(before)[k] for k, after_v in _stage_work(after).items()}
+    assert work == {"encode": 1, "base": 1, "upscale": 0, "refine": 0}, work  # the good request's, nothing more
+    assert _total(after, "flashtile_prompts_blocked_total") - _total(before, "flashtile_prompts_blocked_total") == 3
+    assert _total(after, "flashtile_images_total") - _total(before, "flashtile_images_total") == 1
+
+
+def test_keys_open_routes_and_the_error_shape(cluster):
+    assert requests.get(f"{URL}/healthz", timeout=10).status_code == 200  # open
+    assert requests.get(f"{URL}/openapi.json", timeout=10).status_code == 200  # open
+    denied = requests.get(f"{URL}/v1/models", timeout=10)
+    assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
+    assert "Authorization: Bearer" in denied.json()["error"]["message"]
+    other = requests.get(f"{URL}/v1/models", headers={"Authorization": f"Bearer {KEYS[1]}"}, timeout=10)
+    assert other.status_code == 200  # the second key from FLASHTILE_API_KEYS works too
+    # A key from the config (api_keys, as a digest) works beside the environment's, on the HTTP middleware too.
+    configured = requests.post(f"{URL}/v1/generate", json={"prompt": "a", "bogus": 1}, timeout=10,
+                               headers={"Authorization": f"Bearer {CONFIG_KEY}"})
+    assert configured.status_code == 422 and "bogus" in configured.text  # past the key check, refused by the schema
+    digest_as_key = requests.get(f"{URL}/v1/models", timeout=10, headers={
+        "Authorization": f"Bearer sha256:{hashlib.sha256(CONFIG_KEY.encode()).hexdigest()}"})
+    assert digest_as_key.status_code == 401  # the digest itself is not a key
+    limit = API.post(f"{URL}/v1/generate", json={"prompt": "a", "size": "4k", "steps": 140}, timeout=30).json()["error"]
+    assert limit["type"] == "limit_exceeded" and limit["limit"] == "max_megapixel_steps" and limit["allowed"] == 2100
+
+
+EXPECTED = {"preview": (352, 192), "1k": (1024, 576), "2k": (2048, 1152)}
 
 
 @pytest.mark.parametrize("tier", list(EXPECTED))
 def test_http_each_tier_returns_a_png_of_the_documented_size(cluster, tier):
     body = {"prompt": "a lighthouse at dusk", "size": tier, "aspect_ratio": "16:9", "seed": 5, "mode": "fast", "steps": 2}
-    resp = requests.post(f"{URL}/v1/generate", json=body, headers={"Accept": "image/png"}, timeout=300)
+    resp = API.post(f"{URL}/v1/generate", json=body, headers={"Accept": "image/png"}, timeout=300)
     image = _png(resp)
     assert image.size == EXPECTED[tier]
     assert image.text["seed"] == "5" and image.text["model"] == "flashtile-default-v1"
@@ -84,7 +228,7 @@ def test_http_each_tier_returns_a_png_of_the_documented_size(cluster, tier):
 
 def test_4k_tiles_fan_out_over_both_upscaler_replicas(cluster):
     body = {"prompt": "a lighthouse at dusk", "size": "4k", "aspect_ratio": "16:9", "seed": 5, "mode": "fast", "steps": 2}
-    resp = requests.post(f"{URL}/v1/generate", json=body, timeout=300)
+    resp = API.post(f"{URL}/v1/generate", json=body, timeout=300)
     assert resp.status_code == 200, resp.text[:500]
     result = resp.json()
     assert Image.open(io.BytesIO(base64.b64decode(result["image_b64"]))).size == (4096, 2304)
@@ -104,7 +248,7 @@ def _sse(resp) -> list[tuple[str, dict]]:
 
 def test_stream_reports_every_base_step_with_previews_then_the_image(cluster):
     body = {"prompt": "a small red star", "size": "1k", "seed": 2, "mode": "quality", "steps": 6}
-    with requests.post(f"{URL}/v1/generate/stream", json=body, stream=True, timeout=300) as resp:
+    with API.post(f"{URL}/v1/generate/stream", json=body, stream=True, timeout=300) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
         events = _sse(resp)
     base = [e for k, e in events if k == "progress" and e["stage"] == "base"]
@@ -121,7 +265,7 @@ def test_stream_reports_every_base_step_with_previews_then_the_image(cluster):
 def test_openai_client_generates_images(cluster):
     import openai
 
-    client = openai.OpenAI(base_url=f"{URL}/v1", api_key="unused", max_retries=0, timeout=300)
+    client = openai.OpenAI(base_url=f"{URL}/v1", api_key=KEYS[1], max_retries=0, timeout=300)
     response = client.images.generate(
         model="flashtile-default-v1", prompt="a lighthouse at dusk", n=2, size="1024x576", response_format="b64_json",
         extra_body={"seed": 3, "mode": "fast", "steps": 2},
@@ -138,7 +282,7 @@ def test_openai_client_generates_images(cluster):
 
 def test_json_result_and_handle_give_the_same_image(cluster):
     body = {"prompt": "two yellow circles on grey", "size": "1k", "aspect_ratio": "4:3", "seed": 9, "mode": "fast", "steps": 2}
-    resp = requests.post(f"{URL}/v1/generate", json=body, timeout=300)
+    resp = API.post(f"{URL}/v1/generate", json=body, timeout=300)
     assert resp.status_code == 200, resp.text[:500]
     result = resp.json()
     assert (result["width"], result["height"]) == (1024, 768)
@@ -156,13 +300,49 @@ def test_json_result_and_handle_give_the_same_image(cluster):
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=400)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    assert proc.stdout == http_png  # the same request through a Python handle: the same PNG, byte for byte
+    # The same request through a Python handle: the same image, with its own request id in its watermark.
+    import numpy as np
+
+    via_http, via_handle = Image.open(io.BytesIO(http_png)), Image.open(io.BytesIO(proc.stdout))
+    assert {k: v for k, v in via_http.text.items() if k != "request_id"} == {
+        k: v for k, v in via_handle.text.items() if k != "request_id"}
+    assert via_http.text["request_id"] != via_handle.text["request_id"]
+    diff = np.abs(np.asarray(via_http, dtype=np.float64) - np.asarray(via_handle, dtype=np.float64))
+    assert diff.mean() < 3.0 and np.percentile(diff, 99) <= 8, (diff.mean(), np.percentile(diff, 99))
+
+
+def _detect(image: Image.Image, fmt: str = "PNG", **save) -> dict:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **save)
+    resp = API.post(f"{URL}/v1/watermark/detect", json={"image_b64": base64.b64encode(buf.getvalue()).decode()}, timeout=60)
+    assert resp.status_code == 200, resp.text[:300]
+    return resp.json()
+
+
+def test_every_image_carries_a_watermark_that_survives_jpeg_and_downscaling(cluster):
+    body = {"prompt": "a small red star in the top left corner", "size": "1k", "aspect_ratio": "16:9", "seed": 12,
+            "mode": "fast", "steps": 2}
+    resp = API.post(f"{URL}/v1/generate", json=body, timeout=300)
+    result = resp.json()
+    assert resp.headers["x-flashtile-request-id"] == result["request_id"] and len(result["request_id"]) == 12
+    image = Image.open(io.BytesIO(base64.b64decode(result["image_b64"]))).convert("RGB")
+    half = image.resize((image.width // 2, image.height // 2), Image.Resampling.LANCZOS)
+    for found in (_detect(image), _detect(image, "JPEG", quality=90), _detect(half), _detect(half, "JPEG", quality=90)):
+        assert found["watermarked"] and found["request_id"] == result["request_id"], found
+    # A preview is marked too, and a picture Flashtile did not make is not.
+    preview = API.post(f"{URL}/v1/generate", json={**body, "size": "preview"}, headers={"Accept": "image/png"}, timeout=300)
+    assert _detect(_png(preview))["request_id"] == preview.headers["x-flashtile-request-id"]
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 256, (576, 1024, 3), dtype=np.uint8)
+    unmarked = _detect(Image.fromarray(noise))
+    assert not unmarked["watermarked"] and unmarked["request_id"] is None
 
 
 def test_url_response_is_a_presigned_s3_url_a_plain_client_can_fetch(cluster):
     body = {"prompt": "a lighthouse", "size": "1k", "aspect_ratio": "9:16", "seed": 4, "mode": "fast", "steps": 2,
             "response_format": "url"}
-    result = requests.post(f"{URL}/v1/generate", json=body, timeout=300).json()
+    result = API.post(f"{URL}/v1/generate", json=body, timeout=300).json()
     assert result["image_b64"] is None and "X-Amz-Expires=900" in result["url"]
     assert result["url"].startswith(os.environ["AWS_ENDPOINT_URL"] + "/outputs/flashtile/images/")
     png = requests.get(result["url"], timeout=30)  # no AWS credentials: the signature is the permission
@@ -172,20 +352,20 @@ def test_url_response_is_a_presigned_s3_url_a_plain_client_can_fetch(cluster):
 def test_idempotency_key_replays_the_stored_result_and_refuses_another_body(cluster):
     body = {"prompt": "a purple ring", "size": "preview", "mode": "fast", "steps": 3}  # no seed: one is drawn
     headers = {"Idempotency-Key": "order-42"}
-    first = requests.post(f"{URL}/v1/generate", json=body, headers=headers, timeout=300)
-    again = requests.post(f"{URL}/v1/generate", json=body, headers=headers, timeout=300)
+    first = API.post(f"{URL}/v1/generate", json=body, headers=headers, timeout=300)
+    again = API.post(f"{URL}/v1/generate", json=body, headers=headers, timeout=300)
     assert first.status_code == again.status_code == 200
     assert first.headers["idempotent-replayed"] == "false" and again.headers["idempotent-replayed"] == "true"
     # A recomputation would have drawn another seed; the replay is the stored result itself.
     assert again.json()["seed"] == first.json()["seed"] and again.json()["image_b64"] == first.json()["image_b64"]
-    other = requests.post(f"{URL}/v1/generate", json={**body, "prompt": "a red ring"}, headers=headers, timeout=30)
+    other = API.post(f"{URL}/v1/generate", json={**body, "prompt": "a red ring"}, headers=headers, timeout=30)
     assert other.status_code == 409 and other.json()["error"]["type"] == "idempotency_conflict"
-    fresh = requests.post(f"{URL}/v1/generate", json=body, headers={"Idempotency-Key": "order-43"}, timeout=300)
+    fresh = API.post(f"{URL}/v1/generate", json=body, headers={"Idempotency-Key": "order-43"}, timeout=300)
     assert fresh.status_code == 200 and fresh.headers["idempotent-replayed"] == "false"  # another key: computed
 
 
 def test_invalid_request_is_422_naming_the_field(cluster):
-    resp = requests.post(f"{URL}/v1/generate", json={"prompt": "a", "size": "8k", "colour": 1}, timeout=30)
+    resp = API.post(f"{URL}/v1/generate", json={"prompt": "a", "size": "8k", "colour": 1}, timeout=30)
     assert resp.status_code == 422
     errors = {e["field"]: e["message"] for e in resp.json()["error"]["errors"]}
     assert "'preview', '1k', '2k' or '4k'" in errors["size"]
@@ -195,7 +375,7 @@ def test_invalid_request_is_422_naming_the_field(cluster):
 
 def test_models_health_and_openapi(cluster):
     assert requests.get(f"{URL}/healthz", timeout=10).json() == {"status": "ok"}
-    models = requests.get(f"{URL}/v1/models", timeout=10).json()["data"]
+    models = API.get(f"{URL}/v1/models", timeout=10).json()["data"]
     assert models[0]["id"] == "flashtile-default-v1" and models[0]["base_resolution"] == 256
     paths = requests.get(f"{URL}/openapi.json", timeout=10).json()["paths"]
     assert {"/v1/generate", "/v1/models", "/healthz"} <= set(paths)
@@ -212,8 +392,8 @@ def _readme_examples() -> dict[str, tuple[str, str]]:
 
 def test_readme_examples_run_against_the_cluster(cluster, tmp_path):
     examples = _readme_examples()
-    assert set(examples) == {"curl-png", "curl-json", "python", "openai"}
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    assert set(examples) == {"curl-png", "curl-json", "python", "openai", "python-retry"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "FLASHTILE_API_KEY": KEYS[1]}
 
     subprocess.run(["bash", "-c", examples["curl-png"][1]], cwd=tmp_path, check=True, timeout=300, env=env)
     with Image.open(tmp_path / "lighthouse.png") as image:
@@ -246,13 +426,111 @@ def test_concurrent_requests_share_a_generator_batch(cluster):
     body = {"prompt": "two yellow circles on grey", "size": "preview", "mode": "fast", "steps": 8}
     with ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(
-            lambda i: requests.post(f"{URL}/v1/generate", json={**body, "seed": 100 + i}, timeout=300), range(4)
+            lambda i: API.post(f"{URL}/v1/generate", json={**body, "seed": 100 + i}, timeout=300), range(4)
         ))
     assert [r.status_code for r in responses] == [200] * 4
     results = [r.json() for r in responses]
     assert max(r["base_batch_size"] for r in results) > 1  # one generator replica, 4 requests: batches form
     assert sorted(r["seed"] for r in results) == [100, 101, 102, 103]
     assert len({r["image_b64"] for r in results}) == 4  # each request kept its own seed and image
+
+
+def test_timeout_gets_408_and_stops_denoising(cluster):
+    before = _metrics()
+    body = {"prompt": "a slow one", "size": "1k", "steps": 150, "seed": 1, "timeout_s": 3}
+    resp = API.post(f"{URL}/v1/generate", json=body, timeout=60)
+    assert resp.status_code == 408, resp.text[:300]
+    assert resp.json()["error"] == {"type": "timeout", "timeout_s": 3.0, "message": resp.json()["error"]["message"]}
+    _assert_base_stopped(before, "timeout")
+
+
+def test_client_disconnect_stops_denoising(cluster):
+    before = _metrics()
+    with pytest.raises(requests.exceptions.ReadTimeout):  # the client gives up and closes the connection
+        API.post(f"{URL}/v1/generate", json={"prompt": "a slow one", "size": "1k", "steps": 150, "seed": 2}, timeout=3)
+    _assert_base_stopped(before, "disconnect")
+
+
+def _assert_base_stopped(before: dict, reason: str) -> None:
+    """The request was counted as cancelled, and its base run stopped early and stays stopped."""
+    def cancelled(m):
+        return (_total(m, "flashtile_cancellations_total", stage="request", reason=reason)
+                > _total(before, "flashtile_cancellations_total", stage="request", reason=reason)
+                and _total(m, "flashtile_cancellations_total", stage="base", reason="cancelled")
+                > _total(before, "flashtile_cancellations_total", stage="base", reason="cancelled"))
+
+    assert cancelled(_wait_for(cancelled)), "no cancellation counted"
+    steps = _total(_metrics(), "flashtile_denoising_steps_total", stage="base")
+    time.sleep(12)  # another export round: a run still denoising would have added steps
+    later = _total(_metrics(), "flashtile_denoising_steps_total", stage="base")
+    run = later - _total(before, "flashtile_denoising_steps_total", stage="base")
+    assert later == steps and 0 < run < 150, (steps, later, run)
+
+
+def test_stream_disconnect_drops_the_queued_tiles(cluster):
+    before = _metrics()
+    body = {"prompt": "a lighthouse", "size": "4k", "aspect_ratio": "16:9", "seed": 3, "mode": "fast", "steps": 2}
+    with API.post(f"{URL}/v1/generate/stream", json=body, stream=True, timeout=300) as resp:
+        for line in resp.iter_lines(decode_unicode=True):
+            # The second upscale pass (24 of the 26 tiles) is under way: leave now.
+            if line.startswith("data: ") and json.loads(line[6:]).get("stage") == "upscale" and json.loads(line[6:])["step"] >= 3:
+                break
+    def counted(m):
+        return _total(m, "flashtile_cancellations_total", stage="request", reason="disconnect") > _total(
+            before, "flashtile_cancellations_total", stage="request", reason="disconnect")
+
+    assert counted(_wait_for(counted))
+    time.sleep(12)  # let every replica export what it did
+    after = _metrics()
+    done = _total(after, "flashtile_tiles_total", stage="upscale") - _total(before, "flashtile_tiles_total", stage="upscale")
+    dropped = _total(after, "flashtile_cancellations_total", stage="upscale", reason="dropped") - _total(
+        before, "flashtile_cancellations_total", stage="upscale", reason="dropped")  # queued at a replica, never run
+    cancelled = _total(after, "flashtile_cancellations_total", stage="upscale", reason="cancelled") - _total(
+        before, "flashtile_cancellations_total", stage="upscale", reason="cancelled")  # open at the ingress
+    assert done < 26 and dropped >= 1 and done + dropped <= 26 and cancelled >= 26 - done, (done, dropped, cancelled)
+    assert _total(after, "flashtile_images_total") == _total(before, "flashtile_images_total")  # nothing delivered
+
+
+def test_a_burst_past_capacity_gets_503_with_retry_after_at_once(cluster):
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = time.monotonic()
+
+    def post(i):
+        body = {"prompt": "a burst", "size": "preview", "steps": 10, "seed": 1000 + i}
+        r = API.post(f"{URL}/v1/generate", json=body, timeout=300)
+        return r.status_code, r.headers.get("retry-after"), r.json()["error"]["type"] if r.status_code != 200 else "", time.monotonic() - start
+
+    n = 3 * MAX_IN_FLIGHT  # more than even two ingress replicas hold
+    with ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(post, range(n)))
+    ok = [a for a in answers if a[0] == 200]
+    busy = [a for a in answers if a[0] == 503]
+    assert len(ok) + len(busy) == n, answers  # nothing else: no 500, no time-out
+    assert len(busy) >= n - 2 * MAX_IN_FLIGHT and len(ok) >= MAX_IN_FLIGHT, answers
+    assert all(a[1] == "5" and a[2] == "overloaded" for a in busy)
+    assert max(a[3] for a in busy) < min(a[3] for a in ok)  # refused at once, before any accepted one finished
+    assert API.post(f"{URL}/v1/generate", json={"prompt": "after", "size": "preview", "steps": 1}, timeout=300).ok
+
+
+def test_fuzzing_the_openapi_document_finds_no_server_error(cluster, tmp_path):
+    """schemathesis against /openapi.json: invalid input on every route, valid input on the routes that do no
+    model work (valid generation requests are the rest of this module). Bounded in time."""
+    st = Path(sys.executable).parent / "st"
+    common = [str(st), "run", f"{URL}/openapi.json", "-H", f"Authorization: Bearer {KEYS[0]}", "-c", "not_a_server_error",
+              "--seed", "1", "--no-shrink", "--request-timeout", "60", "-w", "1", "--no-color"]
+    runs = [
+        ["--mode", "negative", "-n", "25", "--max-time", "45", "--exclude-path", "/v1/outputs/{key}"],
+        ["--mode", "positive", "-n", "30", "--max-time", "20", "--include-path-regex",
+         "^/(v1/watermark/detect|v1/models|healthz|v1/outputs/.*)$"],
+    ]
+    for extra in runs:
+        proc = subprocess.run(common + extra, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        import re
+
+        counts = re.search(r"(\d+) generated, (\d+) passed", proc.stdout)
+        assert counts and counts[1] == counts[2] and int(counts[1]) >= 100, proc.stdout[-2000:]
 
 
 @pytest.fixture()
@@ -297,7 +575,7 @@ def test_prometheus_sees_p50_latency_for_every_stage(prometheus):
     for seed in (1, 2):  # after Prometheus's first scrape, so rates see the increase
         body = {"prompt": "a green triangle", "size": "1k", "mode": "fast", "steps": 2, "seed": seed,
                 "response_format": "url"}
-        assert requests.post(f"{URL}/v1/generate", json=body, timeout=300).status_code == 200
+        assert API.post(f"{URL}/v1/generate", json=body, timeout=300).status_code == 200
     query = "histogram_quantile(0.5, sum by (le, stage) (rate(flashtile_stage_latency_seconds_bucket[2m])))"
     deadline, p50 = time.monotonic() + 90, {}
     while time.monotonic() < deadline:  # Ray's agents export every few seconds; Prometheus scrapes every second
@@ -321,6 +599,103 @@ def test_prometheus_sees_p50_latency_for_every_stage(prometheus):
     for expr in exprs:
         status = requests.get(f"{PROMETHEUS}/api/v1/query", params={"query": expr}, timeout=10).json()["status"]
         assert status == "success", expr
+
+
+REPLICAS = """
+import json, os, signal, sys, time
+import ray
+import ray.exceptions
+from ray import serve
+ray.init(address="auto", namespace="serve", logging_level="ERROR")
+def alive():  # [[replica actor name, pid], ...] of the base generator's live replicas
+    out = []
+    for name in sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#base_generator#" in a["name"]):
+        try:  # Serve may be stopping a surplus replica (downscaling) while we list: it is not a victim
+            out.append([name, ray.get(ray.get_actor(name, "serve").__ray_call__.remote(lambda self: os.getpid()), timeout=30)])
+        except (ValueError, ray.exceptions.RayActorError):
+            pass
+    return out
+if sys.argv[1] == "list":
+    print(json.dumps(alive()))
+elif sys.argv[1] == "kill":  # SIGKILL the replicas' processes: a crash, not a graceful stop
+    for pid in sys.argv[2:]:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:  # a surplus replica Serve stopped meanwhile
+            pass
+    print("killed", flush=True)
+elif sys.argv[1] == "wait-healthy":  # until Serve runs the deployment again without the dead replica
+    deadline = time.monotonic() + float(sys.argv[3])
+    while time.monotonic() < deadline:
+        d = serve.status().applications["flashtile"].deployments["base_generator"]
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#base_generator#" in a["name"]]
+        if d.status == "HEALTHY" and d.replica_states.get("RUNNING", 0) >= 1 and names and not set(sys.argv[4:]) & set(names):
+            print(json.dumps({"status": d.status, "running": d.replica_states.get("RUNNING", 0), "alive": names}))
+            break
+        time.sleep(1)
+"""
+
+
+def _replicas(*args: str, timeout: float = 120) -> str:
+    proc = subprocess.run([sys.executable, "-c", REPLICAS, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def test_killing_a_generator_replica_under_load_loses_no_request(cluster, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    # The README's client: retries with one Idempotency-Key per request.
+    lang, code = _readme_examples()["python-retry"]
+    namespace: dict = {}
+    exec(compile(code, "README.md:python-retry", "exec"), namespace)
+    monkeypatch.setenv("FLASHTILE_API_KEY", KEYS[0])
+    attempts = []
+    real_post = namespace["requests"].post
+    import threading
+
+    first_done = threading.Event()
+
+    def counting_post(*args, **kwargs):  # count attempts, and keep what each returned
+        try:
+            r = real_post(*args, **kwargs)
+            attempts.append(r.status_code)
+            if r.status_code == 200:
+                first_done.set()
+            return r
+        except requests.ConnectionError:
+            attempts.append("connection error")
+            raise
+
+    monkeypatch.setattr(namespace["requests"], "post", counting_post)
+
+    bodies = [{"prompt": "a red star on blue", "size": "preview", "steps": 60, "seed": 500 + i} for i in range(6)]
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(namespace["generate"], body) for body in bodies]
+        # Once the first request is done, the next three are in flight: kill the generator replicas serving
+        # them (every live one; earlier bursts may have left more than one).
+        assert first_done.wait(300)
+        victims = json.loads(_replicas("list"))
+        assert victims, "no base generator replica"
+        assert _replicas("kill", *(str(pid) for _, pid in victims)) == "killed"
+        results = [f.result(timeout=400) for f in futures]
+    assert any(a != 200 for a in attempts), attempts  # the kill did fail requests, and they were retried
+    assert attempts.count(200) == len(bodies)
+
+    # Every request completed with a correct image: its own seed, the exact size, and the pixels a fresh
+    # run of the same request gives.
+    for body, result in zip(bodies, results):
+        assert result["seed"] == body["seed"] and (result["width"], result["height"]) == (256, 256)
+    fresh = API.post(f"{URL}/v1/generate", json=bodies[0], timeout=300).json()
+    import numpy as np
+
+    a, b = (np.asarray(Image.open(io.BytesIO(base64.b64decode(r["image_b64"]))), dtype=np.float64) for r in (results[0], fresh))
+    assert np.abs(a - b).mean() < 6.0, np.abs(a - b).mean()  # same image; only the watermark's request id differs
+
+    # Serve replaced the dead replica.
+    names = [name for name, _ in victims]
+    healthy = _replicas("wait-healthy", "-", "180", *names, timeout=240)
+    assert healthy and not set(names) & set(json.loads(healthy)["alive"]), healthy
 
 
 # Last in this module: it leaves extra base-generator replicas behind for a minute.
@@ -353,7 +728,7 @@ def test_burst_scales_the_generator_but_not_the_encoder(cluster, tmp_path):
     body = {"prompt": "a burst", "size": "preview", "mode": "fast", "steps": 40}
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(
-            lambda i: requests.post(f"{URL}/v1/generate", json={**body, "seed": i}, timeout=300).status_code, range(8)
+            lambda i: API.post(f"{URL}/v1/generate", json={**body, "seed": i}, timeout=300).status_code, range(8)
         ))
     done.touch()
     assert codes == [200] * 8

@@ -73,3 +73,12 @@ def test_base_sizes_follow_the_model():
         base_size("7:3", 1024)
     with pytest.raises(ValueError, match="size must be one of"):
         output_size("8k", "1:1", 1024)
+
+
+def test_unknown_field_lists_the_fields_of_the_model_that_was_sent():
+    from deployments.schemas import ImagesRequest
+
+    with pytest.raises(ValidationError) as info:
+        ImagesRequest(prompt="a", colour="red")
+    (error,) = describe_errors(info.value, ImagesRequest)
+    assert error["field"] == "colour" and "allowed: prompt, model, n, size" in error["message"]

@@ -60,23 +60,24 @@ def test_encoder_reports_truncation(encoder):
 
 
 def test_base_resolution_comes_from_the_model(generator):
-    assert generator.base_resolution == 256 and generator.size_multiple == 16
+    # 32x32 latents x the autoencoder's factor 8; three UNet levels: sides in multiples of 8 * 2**2 = 32.
+    assert generator.base_resolution == 256 and generator.size_multiple == 32
     assert generator.default_scheduler == "ddim"
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_generator_shape_determinism_and_progress(generator, embeds, scheduler):
     events = []
-    kwargs = dict(seed=7, width=192, height=336, steps=3, guidance_scale=5.0, scheduler=scheduler)
+    kwargs = dict(seed=7, width=192, height=352, steps=3, guidance_scale=5.0, scheduler=scheduler)
     a = generator(embeds, on_step=events.append, **kwargs)
     b = generator(embeds, **kwargs)
     c = generator(embeds, **{**kwargs, "seed": 8})
-    assert a.image.shape == (1, 3, 336, 192) and torch.isfinite(a.image).all()
+    assert a.image.shape == (1, 3, 352, 192) and torch.isfinite(a.image).all()
     assert a.image.min() >= 0 and a.image.max() <= 1
     assert torch.equal(a.image, b.image)
     assert not torch.equal(a.image, c.image)
     assert [e.step for e in events] == [1, 2, 3] and a.steps == 3
-    assert all(e.stage == "base" and e.latents.shape == (1, 4, 42, 24) for e in events)
+    assert all(e.stage == "base" and e.latents.shape == (1, generator.unet.config.in_channels, 44, 24) for e in events)
 
 
 def test_fast_and_quality_start_from_the_same_noise(generator, embeds):
@@ -121,7 +122,7 @@ def test_callback_cancels_within_one_step(generator, embeds):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(width=250), "multiples of 16"),
+        (dict(width=250), "multiples of 32"),
         (dict(steps=0), "steps must be between 1 and 150"),
         (dict(steps=10000), "steps must be between 1 and 150"),
         (dict(guidance_scale=math.nan), "guidance_scale must be a finite number"),
@@ -172,7 +173,7 @@ def test_tiled_upscale_equals_untiled_on_a_smooth_image():
     assert (tiled - whole).abs().max().item() > 0  # the tiles really were computed apart
 
 
-def test_untrained_default_upscaler_is_exact_nearest_neighbour():
+def test_untrained_compact_upscaler_is_exact_nearest_neighbour():
     image = torch.rand(1, 3, 40, 56)
     out, _ = Upscaler(build_compact_upscaler(seed=2), tile_size=16, overlap=4)(image, (224, 160))
     assert torch.allclose(out, torch.nn.functional.interpolate(image, scale_factor=4, mode="nearest"), atol=1e-6)
@@ -184,7 +185,7 @@ def test_upscale_plan_reaches_every_tier_exactly(tier, aspect):
     from stages.sizes import base_size
 
     upscaler = Upscaler(build_compact_upscaler(seed=0))
-    src, dst = base_size(aspect, 256, 16), output_size(tier, aspect, 256)
+    src, dst = base_size(aspect, 256, 32), output_size(tier, aspect, 256)
     passes = upscaler.plan(src, dst)
     assert tuple(passes[-1].size) == dst
     assert [p.kind for p in passes].count("model") == math.ceil(math.log(max(dst[0] / src[0], dst[1] / src[1]), 4) - 1e-9)

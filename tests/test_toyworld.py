@@ -1,0 +1,76 @@
+"""The toy world and the trained embedded default: deterministic data, a validated checker, the shipped weights
+(checksums in the model card), deterministic generation and a prompt-adherence floor. CI never trains."""
+
+import numpy as np
+import pytest
+
+from toyworld import data, evaluate
+
+# Measured on the shipped weights (eval.json): the first 16 held-aside captions in fast mode score 0.319 overall;
+# the floor leaves room for float differences between machines.
+FAST16_FLOOR = 0.22  # the checker's score on mismatched pairs is 0.19: above it, the model follows its captions
+
+
+def test_scenes_renders_and_captions_are_pure_functions_of_the_seed():
+    a, b = data.sample(12345), data.sample(12345)
+    assert a[1] == b[1] and a[0] == b[0]
+    assert np.array_equal(data.render(a[0]), data.render(b[0]))
+    assert data.sample(12346)[1] != a[1]
+    img = data.render(a[0])
+    assert img.shape == (256, 256, 3) and img.dtype == np.uint8
+
+
+def test_world_has_the_promised_variety():
+    samples = [data.sample(s) for s in range(400)]
+    shapes = {o.shape for s, _ in samples for o in s.objects}
+    colors = {o.color for s, _ in samples for o in s.objects}
+    assert shapes == set(data.SHAPES) and len(colors) >= 8
+    assert {s.background.kind for s, _ in samples} == {"plain", "vgradient", "hgradient", "horizon"}
+    assert {len(s.objects) for s, _ in samples} == {1, 2, 3}
+    assert {o.cell for s, _ in samples for o in s.objects} == set(data.CELLS)
+    assert len({c for _, c in samples}) == 400  # varied wording: no two captions alike
+    words = " ".join(c for _, c in samples)
+    for synonym in ("crimson", "disc", "hoop", "gray", "violet", "to the right of", "corner", "gradient", "sky"):
+        assert synonym in words
+
+
+def test_training_never_sees_an_evaluation_caption():
+    held = {c for _, _, c in data.eval_set(1000)}
+    train = data.train_set(2000)
+    assert not held & {c for _, _, c in train}
+    assert min(seed for seed, _, _ in data.eval_set(1)) > max(seed for seed, _, _ in train)
+
+
+def test_checker_passes_ground_truth_and_fails_mismatches():
+    v = evaluate.validate(120)
+    assert all(v["ground_truth"][a] >= 0.98 for a in evaluate.ATTRIBUTES), v["ground_truth"]
+    assert v["blurred"]["overall"] >= 0.98, v["blurred"]
+    assert v["mismatched"]["overall"] < 0.4
+
+
+def test_shipped_weights_match_the_model_card_checksums(default_model_dir):
+    from stages.models import DEFAULT_WEIGHT_FILES, DEFAULT_WEIGHTS, weights_digest
+    from toyworld.card import checksums, read_checksums
+
+    card = read_checksums(DEFAULT_WEIGHTS / "MODEL_CARD.md")
+    assert set(card) == set(DEFAULT_WEIGHT_FILES)
+    assert {rel: sha for rel, (sha, _) in checksums(DEFAULT_WEIGHTS).items()} == card
+    # The embedded default in the cache holds exactly these trained files.
+    built = weights_digest(default_model_dir)
+    for rel in DEFAULT_WEIGHT_FILES:
+        if rel.endswith(".safetensors"):
+            assert built[rel] == card[rel]
+    assert sum((DEFAULT_WEIGHTS / rel).stat().st_size for rel in DEFAULT_WEIGHT_FILES) < 50e6
+
+
+def test_generation_is_deterministic(flashtile):
+    seed, _, caption = data.eval_set(1)[0]
+    a, _ = evaluate.generate(flashtile, caption, seed, "fast")
+    b, _ = evaluate.generate(flashtile, caption, seed, "fast")
+    c, _ = evaluate.generate(flashtile, caption, seed + 1, "fast")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_prompt_adherence_floor_in_fast_mode(flashtile):
+    result = evaluate.run(flashtile, n=16, modes=("fast",), log=lambda m: None)
+    assert result["modes"]["fast"]["overall"] >= FAST16_FLOOR, result["modes"]["fast"]

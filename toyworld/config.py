@@ -1,0 +1,26 @@
+"""Training settings of `flashtile train` (no torch import: the CLI builds its options from these)."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    n_images: int = 5000  # training scenes (captions of the eval range are skipped)
+    latent_channels: int = 8  # 3 pinned to the pooled colour, the rest free for shape
+    vae_steps: int = 2500
+    vae_batch: int = 16
+    vae_crop: int = 64  # the autoencoder has no normalisation layers: crops train it for whole images
+    vae_lr: float = 2e-3
+    vae_pin: float = 1.0  # weight of the pooled-colour term on the first three latent channels
+    latent_noise: float = 0.03  # noise added to latents before decoding in training
+    unet_steps: int = 3000
+    unet_batch: int = 32
+    unet_lr: float = 8e-4
+    ema_decay: float = 0.995
+    cfg_dropout: float = 0.1  # share of captions replaced by the empty prompt (the pipeline's negative)
+    upscaler_steps: int = 600
+    upscaler_batch: int = 16
+    upscaler_scenes: int = 96
+    seed: int = 0
+    threads: int = 2
+    unet_budget_min: float = 0.0  # > 0: stop the UNet early after this many minutes (the log records the steps run)

