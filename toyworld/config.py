@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 @dataclass
 class Config:
-    n_images: int = 5000  # training scenes (captions of the eval range are skipped)
+    n_images: int = 10000  # training scenes (captions of the eval range are skipped)
     latent_channels: int = 8  # 3 pinned to the pooled colour, the rest free for shape
     vae_steps: int = 2500
     vae_batch: int = 16
@@ -13,9 +13,10 @@ class Config:
     vae_lr: float = 2e-3
     vae_pin: float = 1.0  # weight of the pooled-colour term on the first three latent channels
     latent_noise: float = 0.03  # noise added to latents before decoding in training
-    unet_steps: int = 3000
+    unet_steps: int = 7000
     unet_batch: int = 32
     unet_lr: float = 8e-4
+    unet_dtype: str = "bfloat16"  # autocast dtype of the UNet's training forward; ~25% faster on CPUs with AMX, "float32" = off
     ema_decay: float = 0.995
     cfg_dropout: float = 0.1  # share of captions replaced by the empty prompt (the pipeline's negative)
     upscaler_steps: int = 600

@@ -224,7 +224,8 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
         xt = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
-        pred = unet(xt, t, encoder_hidden_states=ctx).sample  # [B, C, 32, 32]
+        with torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32"):
+            pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B, C, 32, 32]; weights stay float32
         # min-SNR weighting (gamma 5) for v-prediction: weight = min(snr, 5) / (snr + 1)
         w = torch.clamp(snr[t], max=5.0) / (snr[t] + 1)
         loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
