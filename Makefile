@@ -10,7 +10,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	# torch stays pinned while the rest resolves: a newer torchvision would otherwise pull a newer (CUDA) torch.
+	$(BIN)/pip install -q -e '.[test]' torch==2.13.0
 	touch $@
 
 install: $(BIN)/.installed

@@ -93,9 +93,8 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         f"flashtile train --out weights/flashtile-default-v1 {flags}",
         "```",
         "",
-        f"Seeds fixed (`--seed {cfg['seed']}`), {cfg['threads']} CPU threads, torch {log['torch']}. The machine's 2"
-        " cores were shared with short test and evaluation runs for about a quarter of the UNet's time, so its"
-        " wall time is an upper bound.",
+        f"Seeds fixed (`--seed {cfg['seed']}`), {cfg['threads']} CPU threads, torch {log['torch']}."
+        + (f" {log['shared_cores']}" if log.get("shared_cores") else ""),
         "",
         "| model | steps | batch | wall time |",
         "|---|---|---|---|",
@@ -104,7 +103,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
            if wall["data"] < 60 else "") + " |",
         f"| autoencoder ({cfg['vae_crop']}px crops; L1 + MSE, pooled-colour pin, latent noise {cfg['latent_noise']}) | {cfg['vae_steps']} | {cfg['vae_batch']} | {wall['vae'] / 60:.1f} min (latents and the round-trip check included) |",
         f"| upscaler (VAE round trip of a 256 render -> the 1024 render; L1) | {cfg['upscaler_steps']} | {cfg['upscaler_batch']} | {wall['upscaler'] / 60:.1f} min |",
-        f"| UNet (v-prediction, min-SNR-5 weights, AdamW lr {cfg['unet_lr']}, cosine, EMA {cfg['ema_decay']}) | {steps_run} | {cfg['unet_batch']} | {wall['unet'] / 60:.1f} min |",
+        f"| UNet (v-prediction, min-SNR-5 weights, AdamW lr {cfg['unet_lr']}, cosine, EMA {cfg['ema_decay']}{'' if cfg.get('unet_dtype', 'float32') == 'float32' else ', ' + cfg['unet_dtype'] + ' autocast'}) | {steps_run} | {cfg['unet_batch']} | {wall['unet'] / 60:.1f} min |",
         f"| **total** | | | **{wall['total'] / 60:.1f} min** |",
         "",
         "With the data build the shipped run took about "
@@ -131,13 +130,15 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     if ev is not None:
         lines += [table(ev["eval"], ev["validation"]), ""]
         q, f = ev["eval"]["modes"]["quality"]["overall"], ev["eval"]["modes"]["fast"]["overall"]
+        quality = {k: ev["eval"]["modes"]["quality"][k] for k in ("background", "count", "colour", "shape", "position")}
+        weakest, strongest = min(quality, key=quality.get), max(quality, key=quality.get)
         if q < 0.9 or f < 0.8:
             lines += [
                 f"**Below target** (90% quality, 80% fast): {100 * q:.1f}% and {100 * f:.1f}%, against"
                 f" {100 * ev['validation']['mismatched']['overall']:.1f}% for the checker on mismatched image/caption"
-                f" pairs. The model draws the caption's background and object colours more often than chance, but"
-                f" its shapes are blobs and it rarely places objects where asked. Its UNet had {steps_run} steps of"
-                f" batch {cfg['unet_batch']} (training loss still falling at the end); it needs more.",
+                f" pairs. Weakest attribute in quality mode: {weakest} ({100 * quality[weakest]:.1f}%); strongest:"
+                f" {strongest} ({100 * quality[strongest]:.1f}%). Its UNet had {steps_run} steps of batch"
+                f" {cfg['unet_batch']}.",
                 "",
             ]
     else:
