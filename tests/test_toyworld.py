@@ -74,3 +74,11 @@ def test_generation_is_deterministic(flashtile):
 def test_prompt_adherence_floor_in_fast_mode(flashtile):
     result = evaluate.run(flashtile, n=16, modes=("fast",), log=lambda m: None)
     assert result["modes"]["fast"]["overall"] >= FAST16_FLOOR, result["modes"]["fast"]
+
+
+def test_training_config_refuses_an_unknown_unet_dtype():
+    from toyworld.config import Config
+
+    assert Config().unet_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="unet_dtype must be 'bfloat16' or 'float32'; got 'float16'"):
+        Config(unet_dtype="float16")

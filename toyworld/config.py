@@ -25,3 +25,7 @@ class Config:
     seed: int = 0
     threads: int = 2
     unet_budget_min: float = 0.0  # > 0: stop the UNet early after this many minutes (the log records the steps run)
+
+    def __post_init__(self):
+        if self.unet_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"unet_dtype must be 'bfloat16' or 'float32'; got {self.unet_dtype!r}")

@@ -110,6 +110,17 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def _step(opt, sched, loss: torch.Tensor, losses: list[float], name: str, step: int, total: int, log) -> None:
+    """One optimiser and schedule step on `loss`; record it, and log the mean of the last 50 every 50 steps."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    losses.append(loss.item())
+    if step % 50 == 0 or step == total - 1:
+        log(f"{name} step {step}/{total} loss {np.mean(losses[-50:]):.4f}")
+
+
 # --- 2. autoencoder ----------------------------------------------------------------------------------------------
 
 
@@ -143,13 +154,7 @@ def train_vae(cfg: Config, images: np.ndarray, log) -> tuple[object, list[float]
         rec = vae.decode(z + cfg.latent_noise * torch.randn(z.shape, generator=g)).sample
         pin = (z[:, :3] - F.avg_pool2d(x, 8)).pow(2).mean()
         loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + cfg.vae_pin * pin + 1e-4 * z[:, 3:].pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == cfg.vae_steps - 1:
-            log(f"vae step {step}/{cfg.vae_steps} loss {np.mean(losses[-50:]):.4f}")
+        _step(opt, sched, loss, losses, "vae", step, cfg.vae_steps, log)
     return vae.eval().requires_grad_(False), losses
 
 
@@ -276,13 +281,7 @@ def train_upscaler(cfg: Config, vae, log):
             ys.append(hr_images[i, :, oy * 4 : oy * 4 + 256, ox * 4 : ox * 4 + 256].float() / 255)
         x, y = torch.stack(xs), torch.stack(ys)  # [B, 3, 64, 64], [B, 3, 256, 256]
         loss = F.l1_loss(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == cfg.upscaler_steps - 1:
-            log(f"upscaler step {step}/{cfg.upscaler_steps} loss {np.mean(losses[-50:]):.4f}")
+        _step(opt, sched, loss, losses, "upscaler", step, cfg.upscaler_steps, log)
     up.model = model.eval().requires_grad_(False)
     return up, losses
 
