@@ -52,13 +52,19 @@ def make_unet(latent_channels: int = 8):
 
     return UNet2DConditionModel(
         sample_size=data.SIZE // 8, in_channels=latent_channels, out_channels=latent_channels,
-        block_out_channels=(32, 64, 128), layers_per_block=1,
+        # 48/96/192 channels: 2.3x the parameters of 32/64/128 for 1.3x the step time (narrow convolutions leave
+        # the CPU's matrix units idle), and larger nets learn more per step.
+        block_out_channels=(48, 96, 192), layers_per_block=1,
         # 32x32 convolution only; cross-attention at 16x16, 8x8 and in the mid block (8x8), where a 3x3 kernel
         # sees far enough to know where in the frame it is.
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        # diffusers reads `attention_head_dim` as the number of heads (a legacy name): 1, 2, 4 heads of 32 dims.
-        attention_head_dim=(1, 2, 4), cross_attention_dim=384, norm_num_groups=16,
+        # diffusers reads `attention_head_dim` as the number of heads (a legacy name): 1, 2, 3 heads of 48-64 dims.
+        attention_head_dim=(1, 2, 3), cross_attention_dim=384, norm_num_groups=16,
+        # The caption, attention-pooled over its tokens, is added to the timestep embedding: every ResNet block,
+        # the 32x32 ones without cross-attention included, then knows the background, colours and count. A
+        # diffusers option that needs no extra inputs, so the pipeline runs it like any other UNet.
+        addition_embed_type="text", addition_embed_type_num_heads=6,
     )
 
 
