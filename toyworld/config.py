@@ -13,7 +13,7 @@ class Config:
     vae_lr: float = 2e-3
     vae_pin: float = 1.0  # weight of the pooled-colour term on the first three latent channels
     latent_noise: float = 0.03  # noise added to latents before decoding in training
-    unet_steps: int = 5400
+    unet_steps: int = 6500
     unet_batch: int = 32
     unet_lr: float = 8e-4
     unet_dtype: str = "bfloat16"  # autocast dtype of the UNet's training forward; ~25% faster on CPUs with AMX, "float32" = off
