@@ -1,8 +1,11 @@
 """The toy world and the trained embedded default: deterministic data, a validated checker, the shipped weights
 (checksums in the model card), deterministic generation and a prompt-adherence floor. CI never trains."""
 
+import re
+
 import numpy as np
 import pytest
+import torch
 
 from toyworld import data, evaluate
 
@@ -76,9 +79,27 @@ def test_prompt_adherence_floor_in_fast_mode(flashtile):
     assert result["modes"]["fast"]["overall"] >= FAST16_FLOOR, result["modes"]["fast"]
 
 
-def test_training_config_refuses_an_unknown_unet_dtype():
+@pytest.mark.parametrize("field, bad, allowed", [
+    ("unet_dtype", "float16", "'bfloat16', 'float32'"),
+    ("unet_loss", "snr", "'min-snr', 'v'"),
+    ("unet_text", "pooled", "'tokens', 'tokens+pooled'"),
+])
+def test_training_config_refuses_unknown_choices_naming_the_allowed_ones(field, bad, allowed):
     from toyworld.config import Config
 
-    assert Config().unet_dtype == "bfloat16"
-    with pytest.raises(ValueError, match="unet_dtype must be 'bfloat16' or 'float32'; got 'float16'"):
-        Config(unet_dtype="float16")
+    assert (Config().unet_dtype, Config().unet_loss, Config().unet_text) == ("bfloat16", "min-snr", "tokens")
+    with pytest.raises(ValueError, match=re.escape(f"{field} must be one of {allowed}; got '{bad}'")):
+        Config(**{field: bad})
+
+
+def test_pooled_text_unet_option_adds_a_caption_embedding_the_pipeline_can_run():
+    from toyworld.train import make_unet
+
+    plain, pooled = make_unet(), make_unet(pooled_text=True)
+    assert plain.config.addition_embed_type is None and pooled.config.addition_embed_type == "text"
+    x, ctx, t = torch.randn(2, 8, 32, 32), torch.randn(2, 77, 384), torch.tensor([999, 10])
+    with torch.no_grad():
+        out = pooled(x, t, encoder_hidden_states=ctx).sample  # the pipeline's call, no extra inputs
+        pooled.add_embedding.norm2.weight.zero_()  # silence the pooled path: the output must change
+        without = pooled(x, t, encoder_hidden_states=ctx).sample
+    assert out.shape == x.shape and not torch.allclose(out, without)

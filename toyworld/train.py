@@ -47,9 +47,13 @@ def make_vae(latent_channels: int = 8):
     )
 
 
-def make_unet(latent_channels: int = 8):
+def make_unet(latent_channels: int = 8, pooled_text: bool = False):
     from diffusers import UNet2DConditionModel
 
+    # The caption, attention-pooled over its tokens, can also be added to the timestep embedding (a diffusers
+    # option that needs no extra inputs, so the pipeline runs it like any other UNet): every ResNet block, the
+    # 32x32 ones without cross-attention included, then sees it. Off in the shipped recipe (README: experiments).
+    pooled = dict(addition_embed_type="text", addition_embed_type_num_heads=6) if pooled_text else {}
     return UNet2DConditionModel(
         sample_size=data.SIZE // 8, in_channels=latent_channels, out_channels=latent_channels,
         block_out_channels=(32, 64, 128), layers_per_block=1,
@@ -58,11 +62,7 @@ def make_unet(latent_channels: int = 8):
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         # diffusers reads `attention_head_dim` as the number of heads (a legacy name): 1, 2, 4 heads of 32 dims.
-        attention_head_dim=(1, 2, 4), cross_attention_dim=384, norm_num_groups=16,
-        # The caption, attention-pooled over its tokens, is added to the timestep embedding: every ResNet block,
-        # the 32x32 ones without cross-attention included, then knows the background, colours and count. A
-        # diffusers option that needs no extra inputs, so the pipeline runs it like any other UNet.
-        addition_embed_type="text", addition_embed_type_num_heads=6,
+        attention_head_dim=(1, 2, 4), cross_attention_dim=384, norm_num_groups=16, **pooled,
     )
 
 
@@ -195,15 +195,17 @@ def roundtrip_adherence(vae, n: int = 200) -> dict:
 
 
 def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: torch.Tensor, log, checkpoint=None):
-    """v-prediction (plain MSE), CFG dropout to the empty prompt; returns the EMA of the weights."""
+    """v-prediction (min-SNR weighted or plain MSE), CFG dropout to the empty prompt; returns the EMA of the weights."""
     import copy
 
     from diffusers import DDIMScheduler
 
     noise_sched = DDIMScheduler(**scheduler_config())
+    alphas = noise_sched.alphas_cumprod  # [1000]
+    snr = alphas / (1 - alphas)
     g = torch.Generator().manual_seed(cfg.seed + 2)
     torch.manual_seed(cfg.seed + 2)
-    unet = make_unet(cfg.latent_channels).train()
+    unet = make_unet(cfg.latent_channels, pooled_text=cfg.unet_text == "tokens+pooled").train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     warm = 100
@@ -233,10 +235,11 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         target = noise_sched.get_velocity(x0, noise, t)
         with torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32"):
             pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B, C, 32, 32]; weights stay float32
-        # Plain v-prediction MSE, every timestep weighted alike. The composition (which colour where, how many,
-        # what shape) is decided at high noise, where v is nearly -x0: min-SNR weights (min(snr, 5) / (snr + 1))
-        # gave those steps almost no weight (0.03 at t=900), and fast mode's first step is t=999.
-        loss = F.mse_loss(pred, target)
+        # min-SNR weighting (gamma 5) for v-prediction: weight = min(snr, 5) / (snr + 1). It gives the high-noise
+        # steps, where the composition is decided, little weight (0.03 at t=900); plain v-MSE ("v") weighs every
+        # step alike, but measured worse at equal steps (README: experiments).
+        w = torch.clamp(snr[t], max=5.0) / (snr[t] + 1) if cfg.unet_loss == "min-snr" else torch.ones_like(t, dtype=torch.float32)
+        loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -250,7 +253,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         if step % 25 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step}/{cfg.unet_steps} loss {np.mean(losses[-25:]):.4f}")
         if checkpoint is not None and step % 250 == 249:
-            checkpoint(ema)
+            checkpoint(ema, step + 1)
     return ema, losses
 
 
@@ -287,6 +290,38 @@ def train_upscaler(cfg: Config, vae, log):
         _step(opt, sched, loss, losses, "upscaler", step, cfg.upscaler_steps, log)
     up.model = model.eval().requires_grad_(False)
     return up, losses
+
+
+# --- reuse, interim scores -----------------------------------------------------------------------------------------
+
+
+def _reuse_autoencoder(src: Path, out: Path, log):
+    """--vae-from: the autoencoder and upscaler of an earlier run, copied into `out`; no losses of their own."""
+    import shutil
+
+    from diffusers import AutoencoderTiny
+
+    for part in ("vae", "upscaler"):
+        if not (src / part).is_dir():
+            raise ValueError(f"vae_from must be a training output folder with vae/ and upscaler/; {src / part} is missing")
+        if (src / part).resolve() != (out / part).resolve():
+            shutil.copytree(src / part, out / part, dirs_exist_ok=True)
+    log(f"autoencoder and upscaler reused from {src}")
+    return AutoencoderTiny.from_pretrained(out / "vae").eval().requires_grad_(False), [], []
+
+
+def interim_adherence(out: Path, n: int) -> dict:
+    """Fast-mode adherence of the UNet checkpoint in `out` on the first `n` held-aside captions (a scratch model dir)."""
+    import tempfile
+
+    from stages.models import build_default_model
+    from stages.pipeline import Flashtile
+    from toyworld import evaluate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_default_model(Path(tmp) / "model", weights=out)
+        result = evaluate.run(Flashtile.from_pretrained(str(Path(tmp) / "model")), n, ("fast",), log=lambda m: None)
+    return {k: round(v, 3) for k, v in result["modes"]["fast"].items() if k in (*evaluate.ATTRIBUTES, "overall")}
 
 
 # --- curves, driver ------------------------------------------------------------------------------------------------
@@ -338,28 +373,38 @@ def train(out: Path, cfg: Config) -> dict:
     record["wall_s"]["data"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
-    vae, vae_losses = train_vae(cfg, d["images"], log)
-    raw = encode_latents(vae, d["images"])  # [N, C, 32, 32]
-    scaling = float(1.0 / raw.std())  # the UNet sees unit-variance latents
-    vae.register_to_config(scaling_factor=scaling)
-    vae.save_pretrained(out / "vae", safe_serialization=True)
-    _drop_config_key(out / "vae" / "config.json", "block_out_channels")
-    latents = raw * scaling
-    record["wall_s"]["vae"] = round(time.perf_counter() - t, 1)
-    record["vae_roundtrip"] = roundtrip_adherence(vae)
-    log(f"vae done; latent scaling factor {scaling:.4f}; eval scenes through the autoencoder: {record['vae_roundtrip']}")
+    if cfg.vae_from:
+        vae, vae_losses, up_losses = _reuse_autoencoder(Path(cfg.vae_from), out, log)
+        latents = encode_latents(vae, d["images"]) * vae.config.scaling_factor
+        record["wall_s"]["vae"] = round(time.perf_counter() - t, 1)
+    else:
+        vae, vae_losses = train_vae(cfg, d["images"], log)
+        raw = encode_latents(vae, d["images"])  # [N, C, 32, 32]
+        scaling = float(1.0 / raw.std())  # the UNet sees unit-variance latents
+        vae.register_to_config(scaling_factor=scaling)
+        vae.save_pretrained(out / "vae", safe_serialization=True)
+        _drop_config_key(out / "vae" / "config.json", "block_out_channels")
+        latents = raw * scaling
+        record["wall_s"]["vae"] = round(time.perf_counter() - t, 1)
+        record["vae_roundtrip"] = roundtrip_adherence(vae)
+        log(f"vae done; latent scaling factor {scaling:.4f}; eval scenes through the autoencoder: {record['vae_roundtrip']}")
 
-    t = time.perf_counter()
-    up, up_losses = train_upscaler(cfg, vae, log)
-    up.save(out / "upscaler")
-    record["wall_s"]["upscaler"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        up, up_losses = train_upscaler(cfg, vae, log)
+        up.save(out / "upscaler")
+        record["wall_s"]["upscaler"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
     DDIMScheduler(**scheduler_config()).save_pretrained(out / "scheduler")
     d["images"] = None  # the UNet trains on latents only
+    record["interim_adherence"] = []
 
-    def checkpoint(model):  # an interim copy, overwritten by the final one
+    def checkpoint(model, step: int):  # an interim copy, overwritten by the final one; scored every eval_every steps
         model.save_pretrained(out / "unet", safe_serialization=True)
+        if cfg.eval_every > 0 and step % cfg.eval_every == 0:
+            score = interim_adherence(out, cfg.eval_n)
+            record["interim_adherence"].append({"step": step, **score})
+            log(f"unet step {step}: fast-mode adherence on {cfg.eval_n} held-aside captions {score}")
 
     unet, unet_losses = train_unet(cfg, latents, d["embeds"], d["empty"], log, checkpoint)
     record["unet_steps_run"] = len(unet_losses)
@@ -367,7 +412,7 @@ def train(out: Path, cfg: Config) -> dict:
     record["wall_s"]["unet"] = round(time.perf_counter() - t, 1)
 
     record["wall_s"]["total"] = round(time.perf_counter() - started, 1)
-    curves = {"vae": vae_losses, "unet": unet_losses, "upscaler": up_losses}
+    curves = {k: v for k, v in {"vae": vae_losses, "unet": unet_losses, "upscaler": up_losses}.items() if v}
     record["final_loss"] = {k: float(np.mean(v[-50:])) for k, v in curves.items()}
     record["losses"] = curves
     (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
