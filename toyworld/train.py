@@ -52,7 +52,7 @@ def make_unet(latent_channels: int = 8, pooled_text: bool = False):
 
     # The caption, attention-pooled over its tokens, can also be added to the timestep embedding (a diffusers
     # option that needs no extra inputs, so the pipeline runs it like any other UNet): every ResNet block, the
-    # 32x32 ones without cross-attention included, then sees it. Off in the shipped recipe (README: experiments).
+    # 32x32 ones without cross-attention included, then sees it. Off in the shipped recipe (README: recipe experiments).
     pooled = dict(addition_embed_type="text", addition_embed_type_num_heads=6) if pooled_text else {}
     return UNet2DConditionModel(
         sample_size=data.SIZE // 8, in_channels=latent_channels, out_channels=latent_channels,
@@ -237,7 +237,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
             pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B, C, 32, 32]; weights stay float32
         # min-SNR weighting (gamma 5) for v-prediction: weight = min(snr, 5) / (snr + 1). It gives the high-noise
         # steps, where the composition is decided, little weight (0.03 at t=900); plain v-MSE ("v") weighs every
-        # step alike, but measured worse at equal steps (README: experiments).
+        # step alike, but scored lower at equal steps (README: recipe experiments).
         w = torch.clamp(snr[t], max=5.0) / (snr[t] + 1) if cfg.unet_loss == "min-snr" else torch.ones_like(t, dtype=torch.float32)
         loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
