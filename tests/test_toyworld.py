@@ -90,6 +90,8 @@ def test_training_config_refuses_unknown_choices_naming_the_allowed_ones(field, 
     assert (Config().unet_dtype, Config().unet_loss, Config().unet_text) == ("bfloat16", "min-snr", "tokens")
     with pytest.raises(ValueError, match=re.escape(f"{field} must be one of {allowed}; got '{bad}'")):
         Config(**{field: bad})
+    with pytest.raises(ValueError, match="eval_every must be 0 .* a multiple of 250.*; got 300"):
+        Config(eval_every=300)
 
 
 def test_pooled_text_unet_option_adds_a_caption_embedding_the_pipeline_can_run():

@@ -28,7 +28,7 @@ class Config:
     threads: int = 2
     unet_budget_min: float = 0.0  # > 0: stop the UNet early after this many minutes (the log records the steps run)
     vae_from: str = ""  # a folder of an earlier run: reuse its vae/ and upscaler/, train only the UNet (recipe experiments)
-    eval_every: int = 0  # > 0: every this many UNet steps, adherence of the EMA weights on eval_n captions, fast mode
+    eval_every: int = 0  # > 0 (a multiple of 250, the checkpoint interval): every this many UNet steps, adherence of the EMA weights on eval_n captions, fast mode
     eval_n: int = 32
 
     def __post_init__(self):
@@ -36,3 +36,5 @@ class Config:
                               ("unet_text", ("tokens", "tokens+pooled"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {getattr(self, name)!r}")
+        if self.eval_every < 0 or self.eval_every % 250:
+            raise ValueError(f"eval_every must be 0 (off) or a multiple of 250, the checkpoint interval; got {self.eval_every}")
