@@ -90,6 +90,12 @@ def test_training_config_refuses_unknown_choices_naming_the_allowed_ones(field, 
     assert (Config().unet_dtype, Config().unet_loss, Config().unet_text) == ("bfloat16", "min-snr", "tokens")
     with pytest.raises(ValueError, match=re.escape(f"{field} must be one of {allowed}; got '{bad}'")):
         Config(**{field: bad})
+
+
+def test_training_config_scores_only_at_checkpoints():
+    from toyworld.config import Config
+
+    assert Config(eval_every=500).eval_every == 500
     with pytest.raises(ValueError, match="eval_every must be 0 .* a multiple of 250.*; got 300"):
         Config(eval_every=300)
 

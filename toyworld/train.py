@@ -238,7 +238,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         # min-SNR weighting (gamma 5) for v-prediction: weight = min(snr, 5) / (snr + 1). It gives the high-noise
         # steps, where the composition is decided, little weight (0.03 at t=900); plain v-MSE ("v") weighs every
         # step alike, but scored lower at equal steps (README: recipe experiments).
-        w = torch.clamp(snr[t], max=5.0) / (snr[t] + 1) if cfg.unet_loss == "min-snr" else torch.ones_like(t, dtype=torch.float32)
+        w = torch.clamp(snr[t], max=5.0) / (snr[t] + 1) if cfg.unet_loss == "min-snr" else 1.0
         loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -296,7 +296,7 @@ def train_upscaler(cfg: Config, vae, log):
 
 
 def _reuse_autoencoder(src: Path, out: Path, log):
-    """--vae-from: the autoencoder and upscaler of an earlier run, copied into `out`; no losses of their own."""
+    """--vae-from: the autoencoder and upscaler of an earlier run, copied into `out`; returns the autoencoder."""
     import shutil
 
     from diffusers import AutoencoderTiny
@@ -307,7 +307,7 @@ def _reuse_autoencoder(src: Path, out: Path, log):
         if (src / part).resolve() != (out / part).resolve():
             shutil.copytree(src / part, out / part, dirs_exist_ok=True)
     log(f"autoencoder and upscaler reused from {src}")
-    return AutoencoderTiny.from_pretrained(out / "vae").eval().requires_grad_(False), [], []
+    return AutoencoderTiny.from_pretrained(out / "vae").eval().requires_grad_(False)
 
 
 def interim_adherence(out: Path, n: int) -> dict:
@@ -374,7 +374,7 @@ def train(out: Path, cfg: Config) -> dict:
 
     t = time.perf_counter()
     if cfg.vae_from:
-        vae, vae_losses, up_losses = _reuse_autoencoder(Path(cfg.vae_from), out, log)
+        vae, vae_losses, up_losses = _reuse_autoencoder(Path(cfg.vae_from), out, log), [], []  # nothing trained
         latents = encode_latents(vae, d["images"]) * vae.config.scaling_factor
         record["wall_s"]["vae"] = round(time.perf_counter() - t, 1)
     else:
