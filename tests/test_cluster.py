@@ -636,10 +636,23 @@ def alive():  # [[replica actor name, pid], ...] of the base generator's live re
         except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             pass  # or one still starting: it holds no request yet
     return out
-if sys.argv[1] == "kill-on-go":  # connected first; on a line on stdin, SIGKILL every live replica: a crash
-    print("ready", flush=True)
+def busy(name):  # requests the replica holds now; answered on Serve's own thread, never blocked by user code
+    try:
+        return ray.get(ray.get_actor(name, "serve").get_num_ongoing_requests.remote(), timeout=5)
+    except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return 0
+if sys.argv[1] == "kill-on-go":  # connected first; on a line on stdin, wait until a replica holds a request, then
+    print("ready", flush=True)   # SIGKILL every live replica: a crash in the middle of denoising
     sys.stdin.readline()
-    victims = alive()
+    deadline = time.monotonic() + float(sys.argv[2])
+    victims = []
+    while time.monotonic() < deadline:
+        victims = alive()
+        if any(busy(name) for name, _ in victims):
+            break
+        time.sleep(0.05)
+    else:
+        victims = []  # no request ever reached a generator: the test fails on the empty list
     for _, pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -674,16 +687,11 @@ def test_killing_a_generator_replica_under_load_loses_no_request(cluster, monkey
     monkeypatch.setenv("FLASHTILE_API_KEY", KEYS[0])
     attempts = []
     real_post = namespace["requests"].post
-    import threading
-
-    first_done = threading.Event()
 
     def counting_post(*args, **kwargs):  # count attempts, and keep what each returned
         try:
             r = real_post(*args, **kwargs)
             attempts.append(r.status_code)
-            if r.status_code == 200:
-                first_done.set()
             return r
         except requests.ConnectionError:
             attempts.append("connection error")
@@ -691,23 +699,20 @@ def test_killing_a_generator_replica_under_load_loses_no_request(cluster, monkey
 
     monkeypatch.setattr(namespace["requests"], "post", counting_post)
 
-    # The first request is short, the rest long, so the others are still denoising when it is done.
-    bodies = [{"prompt": "a red star on blue", "size": "preview", "steps": 60 if i == 0 else 150, "seed": 500 + i}
-              for i in range(6)]
-    # The killer connects to Ray before any request is sent: at the moment of the kill it only lists and kills.
-    killer = subprocess.Popen([sys.executable, "-c", REPLICAS, "kill-on-go"], cwd=ROOT, stdin=subprocess.PIPE,
+    bodies = [{"prompt": "a red star on blue", "size": "preview", "steps": 150, "seed": 500 + i} for i in range(6)]
+    # The killer connects to Ray before any request is sent. On cue it watches the generator replicas and kills
+    # every live one (earlier bursts may have left more than one) as soon as one holds a request: the kill lands
+    # mid-denoising, not in a gap between batches where the router would just hold requests for the new replica.
+    killer = subprocess.Popen([sys.executable, "-c", REPLICAS, "kill-on-go", "300"], cwd=ROOT, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert killer.stdout.readline().strip() == "ready"
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(namespace["generate"], body) for body in bodies]
-            # Once the first request is done, the next ones are in flight: kill the generator replicas serving
-            # them (every live one; earlier bursts may have left more than one).
-            assert first_done.wait(300)
             killer.stdin.write("go\n")
             killer.stdin.flush()
             victims = json.loads(killer.stdout.readline())
-            assert victims, "no base generator replica"
+            assert victims, "no base generator replica held a request"
             results = [f.result(timeout=400) for f in futures]
     finally:
         killer.kill()
