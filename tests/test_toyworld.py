@@ -111,3 +111,34 @@ def test_pooled_text_unet_option_adds_a_caption_embedding_the_pipeline_can_run()
         pooled.add_embedding.norm2.weight.zero_()  # silence the pooled path: the output must change
         without = pooled(x, t, encoder_hidden_states=ctx).sample
     assert out.shape == x.shape and not torch.allclose(out, without)
+
+
+def test_model_card_of_a_vae_from_run_takes_the_reused_parts_from_the_run_that_trained_them(tmp_path):
+    import json
+    import shutil
+
+    from stages.models import DEFAULT_WEIGHTS
+    from toyworld import card
+    from toyworld.train import reused_record
+
+    # A UNet-only run (--vae-from the shipped weights): it trained no autoencoder or upscaler and logged none.
+    run = tmp_path / "run"
+    shutil.copytree(DEFAULT_WEIGHTS, run)
+    log = json.loads((run / "train_log.json").read_text())
+    reused = reused_record(DEFAULT_WEIGHTS)
+    log.update(reused=reused, losses={"unet": log["losses"]["unet"]}, wall_s={"data": 17.0, "vae": 150.0, "unet": 600.0, "total": 767.0})
+    log["config"].update(vae_from=str(DEFAULT_WEIGHTS), eval_every=250)
+    log.pop("vae_roundtrip", None)
+    (run / "train_log.json").write_text(json.dumps(log))
+
+    text = card.write(run).read_text()
+    command = text.split("```bash\n")[1].split("\n")[0]
+    assert "--vae-from" not in command and "--eval-every" not in command  # the command reruns everything
+    assert f"trained with `--vae-from {DEFAULT_WEIGHTS}`" in text
+    rows = {line.split(" (")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["autoencoder"].endswith(f"| {reused['wall_s']['vae'] / 60:.1f} min (latents and the round-trip check included) |")
+    assert rows["upscaler"].endswith(f"| {reused['wall_s']['upscaler'] / 60:.1f} min |")
+    total = (767.0 - 150.0 + reused["wall_s"]["vae"] + reused["wall_s"]["upscaler"]) / 60
+    assert f"**{total:.1f} min**" in text
+    assert "passed through the autoencoder alone" in text  # the reused run's round-trip scores
+    assert re.search(r"Final losses \(mean of the last 50 steps\): vae [\d.]+, unet [\d.]+, upscaler [\d.]+\.", text)

@@ -41,10 +41,16 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     from toyworld.train import plot_losses
 
     log = json.loads((weights / "train_log.json").read_text())
-    curves = dict(log["losses"])
+    # A UNet trained with --vae-from: the autoencoder and upscaler rows come from the run that trained them.
+    reused = log.get("reused") or {}
+    curves = {k: v for k in ("vae", "unet", "upscaler") if (v := log["losses"].get(k) or reused.get("losses", {}).get(k))}
     plot_losses(curves, weights / "loss_curves.png")
     ev = json.loads((weights / "eval.json").read_text()) if (weights / "eval.json").is_file() else None
-    cfg, wall = log["config"], log["wall_s"]
+    cfg, wall = {**log["config"], **reused.get("config", {})}, {**log["wall_s"], **reused.get("wall_s", {})}
+    if reused:
+        wall["data"] = log["wall_s"]["data"]  # this run's own data step (the cache read)
+        # this run's latent encoding (its "vae" step) is replaced by the step that trained the autoencoder
+        wall["total"] += wall["vae"] + wall["upscaler"] - log["wall_s"]["vae"]
     sums = checksums(weights)
     total_mb = sum(b for _, b in sums.values()) / 1e6
     params = {name: _params(weights, rel) for name, rel in (
@@ -56,7 +62,9 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     from toyworld.config import Config
 
     defaults = Config().__dict__
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if defaults.get(k) != v)
+    # The command that reruns the whole training; --vae-from and interim scores only shortened or watched it.
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items()
+                     if defaults.get(k) != v and k not in ("vae_from", "eval_every", "eval_n"))
     lines = [
         "# flashtile-default-v1: the embedded default, trained on the toy world",
         "",
@@ -94,7 +102,10 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         "```",
         "",
         f"Seeds fixed (`--seed {cfg['seed']}`), {cfg['threads']} CPU threads, torch {log['torch']}."
-        + (f" {log['shared_cores']}" if log.get("shared_cores") else ""),
+        + (f" {log['shared_cores']}" if log.get("shared_cores") else "")
+        + (f" The UNet was trained with `--vae-from {reused['from']}`: the autoencoder and upscaler (and their rows"
+           f" below) are those of the earlier run of this command, under torch {reused['torch']}; the command retrains"
+           " them first, with the same seeds." if reused else ""),
         "",
         "| model | steps | batch | wall time |",
         "|---|---|---|---|",
@@ -111,7 +122,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         " step count is fixed and every random draw seeded, so the command above reruns the same training.",
         "",
     ]
-    rt = log.get("vae_roundtrip")
+    rt = log.get("vae_roundtrip") or reused.get("vae_roundtrip")
     if rt:
         lines += [
             "The evaluator's scores on the 200 evaluation scenes passed through the autoencoder alone (the ceiling"

@@ -310,6 +310,21 @@ def _reuse_autoencoder(src: Path, out: Path, log):
     return AutoencoderTiny.from_pretrained(out / "vae").eval().requires_grad_(False)
 
 
+def reused_record(src: Path) -> dict:
+    """--vae-from: what the run that trained the reused autoencoder and upscaler recorded about them (the model
+    card shows it beside this run's UNet). A chain of reuses keeps the run that really trained them."""
+    log = json.loads((Path(src) / "train_log.json").read_text())
+    if "reused" in log:
+        return log["reused"]
+    parts = ("vae", "upscaler")
+    return {
+        "from": str(src), "torch": log["torch"], "vae_roundtrip": log.get("vae_roundtrip"),
+        "config": {k: v for k, v in log["config"].items() if k.startswith(("vae_", "upscaler_", "latent_"))},
+        "wall_s": {k: log["wall_s"][k] for k in ("data", *parts)},
+        "final_loss": {k: log["final_loss"][k] for k in parts}, "losses": {k: log["losses"][k] for k in parts},
+    }
+
+
 def interim_adherence(out: Path, n: int) -> dict:
     """Fast-mode adherence of the UNet checkpoint in `out` on the first `n` held-aside captions (a scratch model dir)."""
     import tempfile
@@ -375,6 +390,7 @@ def train(out: Path, cfg: Config) -> dict:
     t = time.perf_counter()
     if cfg.vae_from:
         vae, vae_losses, up_losses = _reuse_autoencoder(Path(cfg.vae_from), out, log), [], []  # nothing trained
+        record["reused"] = reused_record(Path(cfg.vae_from))
         latents = encode_latents(vae, d["images"]) * vae.config.scaling_factor
         record["wall_s"]["vae"] = round(time.perf_counter() - t, 1)
     else:
