@@ -100,6 +100,31 @@ def test_training_config_scores_only_at_checkpoints():
         Config(eval_every=300)
 
 
+@pytest.mark.parametrize("bad", ["32,64", "32,64,128,128,256", "32,48,128", "32,64,x", ""])
+def test_training_config_unet_channels_are_three_or_four_levels_of_multiples_of_32(bad):
+    from toyworld.config import Config
+
+    assert Config(unet_channels="32,64,128,128").unet_channels == "32,64,128,128"
+    with pytest.raises(ValueError, match=re.escape(f"unet_channels must be 3 or 4 comma-separated positive multiples of 32") + f".*got '{bad}'"):
+        Config(unet_channels=bad)
+
+
+def test_unet_levels_option_keeps_the_shipped_layout_and_adds_a_4x4_cross_attention_level():
+    import json
+
+    from stages.models import DEFAULT_WEIGHTS
+    from toyworld.train import make_unet
+
+    shipped = json.loads((DEFAULT_WEIGHTS / "unet" / "config.json").read_text())
+    three, four = make_unet(channels=(32, 64, 128)), make_unet(channels=(32, 64, 128, 128))
+    for key in ("block_out_channels", "down_block_types", "up_block_types", "attention_head_dim"):
+        assert list(three.config[key]) == list(shipped[key]), key  # the default is the shipped layout
+    assert four.config.down_block_types[-1] == "CrossAttnDownBlock2D" and four.config.up_block_types[0] == "CrossAttnUpBlock2D"
+    x = torch.randn(1, 8, 32, 32)
+    with torch.no_grad():
+        assert four(x, torch.tensor([500]), encoder_hidden_states=torch.randn(1, 77, 384)).sample.shape == x.shape
+
+
 def test_pooled_text_unet_option_adds_a_caption_embedding_the_pipeline_can_run():
     from toyworld.train import make_unet
 

@@ -18,6 +18,7 @@ class Config:
     unet_lr: float = 8e-4
     unet_dtype: str = "bfloat16"  # autocast dtype of the UNet's training forward; ~25% faster on CPUs with AMX, "float32" = off
     unet_loss: str = "min-snr"  # "min-snr": v-MSE weighted min(snr, 5) / (snr + 1); "v": plain v-MSE, every timestep alike
+    unet_channels: str = "32,64,128"  # channels per UNet level: 3 levels (32x32 to 8x8) or 4 (down to 4x4), multiples of 32
     unet_text: str = "tokens"  # "tokens": cross-attention to the token states; "tokens+pooled": also the pooled caption in the timestep embedding
     ema_decay: float = 0.995
     cfg_dropout: float = 0.1  # share of captions replaced by the empty prompt (the pipeline's negative)
@@ -36,5 +37,9 @@ class Config:
                               ("unet_text", ("tokens", "tokens+pooled"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {getattr(self, name)!r}")
+        levels = self.unet_channels.split(",")
+        if len(levels) not in (3, 4) or not all(c.strip().isdigit() and int(c) > 0 and int(c) % 32 == 0 for c in levels):
+            raise ValueError("unet_channels must be 3 or 4 comma-separated positive multiples of 32 (channels per level, "
+                             f"e.g. '32,64,128' or '32,64,128,128'); got {self.unet_channels!r}")
         if self.eval_every < 0 or self.eval_every % 250:
             raise ValueError(f"eval_every must be 0 (off) or a multiple of 250, the checkpoint interval; got {self.eval_every}")

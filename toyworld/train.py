@@ -47,22 +47,23 @@ def make_vae(latent_channels: int = 8):
     )
 
 
-def make_unet(latent_channels: int = 8, pooled_text: bool = False):
+def make_unet(latent_channels: int = 8, pooled_text: bool = False, channels: tuple[int, ...] = (32, 64, 128)):
     from diffusers import UNet2DConditionModel
 
     # The caption, attention-pooled over its tokens, can also be added to the timestep embedding (a diffusers
     # option that needs no extra inputs, so the pipeline runs it like any other UNet): every ResNet block, the
     # 32x32 ones without cross-attention included, then sees it. Off in the shipped recipe (README: recipe experiments).
     pooled = dict(addition_embed_type="text", addition_embed_type_num_heads=6) if pooled_text else {}
+    cross = len(channels) - 1
     return UNet2DConditionModel(
         sample_size=data.SIZE // 8, in_channels=latent_channels, out_channels=latent_channels,
-        block_out_channels=(32, 64, 128), layers_per_block=1,
-        # 32x32 convolution only; cross-attention at 16x16, 8x8 and in the mid block (8x8), where a 3x3 kernel
-        # sees far enough to know where in the frame it is.
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        # diffusers reads `attention_head_dim` as the number of heads (a legacy name): 1, 2, 4 heads of 32 dims.
-        attention_head_dim=(1, 2, 4), cross_attention_dim=384, norm_num_groups=16, **pooled,
+        block_out_channels=tuple(channels), layers_per_block=1,
+        # 32x32 convolution only; cross-attention at every coarser level (16x16, 8x8[, 4x4]) and in the mid block,
+        # where a 3x3 kernel sees far enough to know where in the frame it is.
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * cross,
+        up_block_types=("CrossAttnUpBlock2D",) * cross + ("UpBlock2D",),
+        # diffusers reads `attention_head_dim` as the number of heads (a legacy name): heads of 32 dims.
+        attention_head_dim=tuple(c // 32 for c in channels), cross_attention_dim=384, norm_num_groups=16, **pooled,
     )
 
 
@@ -205,7 +206,8 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
     snr = alphas / (1 - alphas)
     g = torch.Generator().manual_seed(cfg.seed + 2)
     torch.manual_seed(cfg.seed + 2)
-    unet = make_unet(cfg.latent_channels, pooled_text=cfg.unet_text == "tokens+pooled").train()
+    channels = tuple(int(c) for c in cfg.unet_channels.split(","))
+    unet = make_unet(cfg.latent_channels, pooled_text=cfg.unet_text == "tokens+pooled", channels=channels).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     warm = 100
