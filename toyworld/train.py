@@ -238,7 +238,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         with torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32"):
             pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B, C, 32, 32]; weights stay float32
         # min-SNR weighting (gamma 5) for v-prediction: weight = min(snr, 5) / (snr + 1). It gives the high-noise
-        # steps, where the composition is decided, little weight (0.03 at t=900); plain v-MSE ("v") weighs every
+        # steps, where the composition is decided, little weight (0.024 at t=900); plain v-MSE ("v") weighs every
         # step alike, but scored lower at equal steps (README: recipe experiments).
         w = torch.clamp(snr[t], max=5.0) / (snr[t] + 1) if cfg.unet_loss == "min-snr" else 1.0
         loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
