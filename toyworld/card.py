@@ -47,9 +47,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     plot_losses(curves, weights / "loss_curves.png")
     ev = json.loads((weights / "eval.json").read_text()) if (weights / "eval.json").is_file() else None
     cfg, wall = {**log["config"], **reused.get("config", {})}, {**log["wall_s"], **reused.get("wall_s", {})}
-    if reused:
-        wall["data"] = log["wall_s"]["data"]  # this run's own data step (the cache read)
-        # this run's latent encoding (its "vae" step) is replaced by the step that trained the autoencoder
+    if reused:  # this run's latent encoding (its "vae" step) is replaced by the step that trained the autoencoder
         wall["total"] += wall["vae"] + wall["upscaler"] - log["wall_s"]["vae"]
     sums = checksums(weights)
     total_mb = sum(b for _, b in sums.values()) / 1e6

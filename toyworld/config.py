@@ -43,3 +43,8 @@ class Config:
                              f"e.g. '32,64,128' or '32,64,128,128'); got {self.unet_channels!r}")
         if self.eval_every < 0 or self.eval_every % 250:
             raise ValueError(f"eval_every must be 0 (off) or a multiple of 250, the checkpoint interval; got {self.eval_every}")
+
+    @property
+    def unet_levels(self) -> tuple[int, ...]:
+        """unet_channels as numbers: (32, 64, 128) for the default."""
+        return tuple(int(c) for c in self.unet_channels.split(","))

@@ -206,8 +206,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
     snr = alphas / (1 - alphas)
     g = torch.Generator().manual_seed(cfg.seed + 2)
     torch.manual_seed(cfg.seed + 2)
-    channels = tuple(int(c) for c in cfg.unet_channels.split(","))
-    unet = make_unet(cfg.latent_channels, pooled_text=cfg.unet_text == "tokens+pooled", channels=channels).train()
+    unet = make_unet(cfg.latent_channels, pooled_text=cfg.unet_text == "tokens+pooled", channels=cfg.unet_levels).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     warm = 100
@@ -322,8 +321,7 @@ def reused_record(src: Path) -> dict:
     return {
         "from": str(src), "torch": log["torch"], "vae_roundtrip": log.get("vae_roundtrip"),
         "config": {k: v for k, v in log["config"].items() if k.startswith(("vae_", "upscaler_", "latent_"))},
-        "wall_s": {k: log["wall_s"][k] for k in ("data", *parts)},
-        "final_loss": {k: log["final_loss"][k] for k in parts}, "losses": {k: log["losses"][k] for k in parts},
+        "wall_s": {k: log["wall_s"][k] for k in parts}, "losses": {k: log["losses"][k] for k in parts},
     }
 
 
