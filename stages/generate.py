@@ -92,7 +92,7 @@ class BaseGenerator:
     def initial_noise(self, seed: int, width: int, height: int) -> torch.Tensor:
         """Unit Gaussian latents from a CPU generator: the same on every device for a seed."""
         generator = torch.Generator("cpu").manual_seed(seed)
-        shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (1, self.unet.config.out_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         return torch.randn(shape, generator=generator, dtype=torch.float32)  # [1, C, h/8, w/8]
 
     def check_inputs(self, seed: int, width: int, height: int, steps: int, guidance_scale: float, scheduler: str):

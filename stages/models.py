@@ -88,6 +88,8 @@ class ModelDir:
         if component == "scheduler":
             return cls.from_pretrained(folder, local_files_only=True)
         model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+        if component == "unet":
+            with_coordinates(model)
         return model.eval().requires_grad_(False)
 
     def text_components(self, dtype: torch.dtype = torch.float32) -> tuple[list, list]:
@@ -106,6 +108,31 @@ class ModelDir:
     def upscaler_dir(self) -> Path | None:
         folder = self.path / "upscaler"
         return folder if folder.is_dir() else None
+
+
+def _append_coordinates(conv_in, args):
+    x = args[0]  # [B, C, h, w]
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # [2, h, w]: x (left -1 -> right 1), y (top -1 -> bottom 1)
+    return (torch.cat([x, grid.expand(b, 2, h, w)], dim=1), *args[1:])  # [B, C + 2, h, w]
+
+
+def with_coordinates(unet):
+    """A UNet whose config has in_channels = out_channels + 2 reads two coordinate channels after the latents.
+
+    Attention and 3x3 convolutions do not know where in the frame a pixel is (only zero padding tells them), so a
+    UNet trained on "in the top left corner" placed objects where the seed's noise put them; the embedded
+    default's UNet is trained with these channels (README: recipe experiments). They are appended inside the
+    UNet, at its first convolution, so the UNet still takes and returns latents, and every pipeline (the base
+    generator, diffusers' img2img for refiner tiles, where a tile spans -1..1 like a whole image) runs it unchanged.
+    """
+    extra = unet.config.in_channels - unet.config.out_channels
+    if extra == 2 and not getattr(unet, "_flashtile_coordinates", False):
+        unet.conv_in.register_forward_pre_hook(_append_coordinates)
+        unet._flashtile_coordinates = True
+    return unet
 
 
 def resolve_model(location: str | os.PathLike | None) -> ModelDir:

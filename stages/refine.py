@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from stages import tiling
 from stages.generate import make_scheduler, preferred_scheduler
-from stages.models import ModelDir
+from stages.models import ModelDir, with_coordinates
 from stages.types import PromptEmbeds, Tile
 
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
@@ -89,7 +89,7 @@ class Refiner:
             from diffusers import UNet2DConditionModel
 
             unet = UNet2DConditionModel.from_pretrained(model.refiner_unet_dir, local_files_only=True, use_safetensors=True)
-            unet = unet.to(dtype=dtype).eval().requires_grad_(False)
+            unet = with_coordinates(unet).to(dtype=dtype).eval().requires_grad_(False)
         else:
             unet = model.load("unet", dtype)
         vae = model.load("vae", dtype)

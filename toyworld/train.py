@@ -47,16 +47,20 @@ def make_vae(latent_channels: int = 8):
     )
 
 
-def make_unet(latent_channels: int = 8, pooled_text: bool = False, channels: tuple[int, ...] = (32, 64, 128)):
+def make_unet(latent_channels: int = 8, pooled_text: bool = False, channels: tuple[int, ...] = (32, 64, 128),
+              coordinates: bool = False):
     from diffusers import UNet2DConditionModel
+
+    from stages.models import with_coordinates
 
     # The caption, attention-pooled over its tokens, can also be added to the timestep embedding (a diffusers
     # option that needs no extra inputs, so the pipeline runs it like any other UNet): every ResNet block, the
     # 32x32 ones without cross-attention included, then sees it. Off in the shipped recipe (README: recipe experiments).
     pooled = dict(addition_embed_type="text", addition_embed_type_num_heads=6) if pooled_text else {}
     cross = len(channels) - 1
-    return UNet2DConditionModel(
-        sample_size=data.SIZE // 8, in_channels=latent_channels, out_channels=latent_channels,
+    # With `coordinates`, two more input channels: where in the frame each pixel is (stages/models.py appends them).
+    unet = UNet2DConditionModel(
+        sample_size=data.SIZE // 8, in_channels=latent_channels + 2 * coordinates, out_channels=latent_channels,
         block_out_channels=tuple(channels), layers_per_block=1,
         # 32x32 convolution only; cross-attention at every coarser level (16x16, 8x8[, 4x4]) and in the mid block,
         # where a 3x3 kernel sees far enough to know where in the frame it is.
@@ -65,6 +69,7 @@ def make_unet(latent_channels: int = 8, pooled_text: bool = False, channels: tup
         # diffusers reads `attention_head_dim` as the number of heads (a legacy name): heads of 32 dims.
         attention_head_dim=tuple(c // 32 for c in channels), cross_attention_dim=384, norm_num_groups=16, **pooled,
     )
+    return with_coordinates(unet)
 
 
 # --- 1. data ---------------------------------------------------------------------------------------------------------
@@ -206,7 +211,8 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
     snr = alphas / (1 - alphas)
     g = torch.Generator().manual_seed(cfg.seed + 2)
     torch.manual_seed(cfg.seed + 2)
-    unet = make_unet(cfg.latent_channels, pooled_text=cfg.unet_text == "tokens+pooled", channels=cfg.unet_levels).train()
+    unet = make_unet(cfg.latent_channels, pooled_text=cfg.unet_text == "tokens+pooled", channels=cfg.unet_levels,
+                     coordinates=cfg.unet_input == "latents+coords").train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     warm = 100
@@ -232,6 +238,11 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         ctx[drop] = empty
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
+        # Part of each batch from t >= 900 (SNR <= 0.024), where only the caption can say where things go: a lone
+        # object's blob is visible through the noise below that, so uniform draws seldom teach placement from text.
+        if cfg.unet_high_noise > 0:  # (0: no extra draws, so the random stream of earlier recipes is unchanged)
+            high = torch.rand(cfg.unet_batch, generator=g) < cfg.unet_high_noise
+            t = torch.where(high, torch.randint(900, 1000, (cfg.unet_batch,), generator=g), t)
         xt = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
         with torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32"):
@@ -309,6 +320,23 @@ def _reuse_autoencoder(src: Path, out: Path, log):
             shutil.copytree(src / part, out / part, dirs_exist_ok=True)
     log(f"autoencoder and upscaler reused from {src}")
     return AutoencoderTiny.from_pretrained(out / "vae").eval().requires_grad_(False)
+
+
+def _cached_latents(vae, folder: Path, images: np.ndarray, log) -> torch.Tensor:
+    """encode_latents, cached on disk by the autoencoder's weights and the scene count (--vae-from reruns)."""
+    import hashlib
+
+    from stages.models import cache_dir
+
+    digest = hashlib.sha256((folder / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:12]
+    cached = cache_dir() / f"toyworld-latents-{len(images)}-{digest}.npy"
+    if cached.is_file():
+        log(f"latents from {cached}")
+        return torch.from_numpy(np.load(cached))
+    latents = encode_latents(vae, images)
+    np.save(cached.with_suffix(".tmp.npy"), latents.numpy())
+    cached.with_suffix(".tmp.npy").rename(cached)
+    return latents
 
 
 def reused_record(src: Path) -> dict:
@@ -391,7 +419,7 @@ def train(out: Path, cfg: Config) -> dict:
     if cfg.vae_from:
         vae, vae_losses, up_losses = _reuse_autoencoder(Path(cfg.vae_from), out, log), [], []  # nothing trained
         record["reused"] = reused_record(Path(cfg.vae_from))
-        latents = encode_latents(vae, d["images"]) * vae.config.scaling_factor
+        latents = _cached_latents(vae, out / "vae", d["images"], log) * vae.config.scaling_factor
         record["wall_s"]["vae"] = round(time.perf_counter() - t, 1)
     else:
         vae, vae_losses = train_vae(cfg, d["images"], log)
