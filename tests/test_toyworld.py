@@ -83,6 +83,7 @@ def test_prompt_adherence_floor_in_fast_mode(flashtile):
     ("unet_dtype", "float16", "'bfloat16', 'float32'"),
     ("unet_loss", "snr", "'min-snr', 'v'"),
     ("unet_text", "pooled", "'tokens', 'tokens+pooled'"),
+    ("unet_input", "coords", "'latents', 'latents+coords'"),
 ])
 def test_training_config_refuses_unknown_choices_naming_the_allowed_ones(field, bad, allowed):
     from toyworld.config import Config
@@ -90,6 +91,17 @@ def test_training_config_refuses_unknown_choices_naming_the_allowed_ones(field, 
     assert (Config().unet_dtype, Config().unet_loss, Config().unet_text) == ("bfloat16", "min-snr", "tokens")
     with pytest.raises(ValueError, match=re.escape(f"{field} must be one of {allowed}; got '{bad}'")):
         Config(**{field: bad})
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_training_config_high_noise_share_is_a_share(bad):
+    from toyworld.config import Config
+
+    assert Config(unet_high_noise=0.5).unet_high_noise == 0.5
+    with pytest.raises(ValueError, match=re.escape(f"unet_high_noise must be between 0 and 1 (a share of each batch); got {bad}")):
+        Config(unet_high_noise=bad)
+    with pytest.raises(ValueError, match="unet_high_noise_from must be a timestep between 0 and 999; got 1000"):
+        Config(unet_high_noise_from=1000)
 
 
 def test_training_config_scores_only_at_checkpoints():

@@ -18,7 +18,8 @@ class Config:
     unet_lr: float = 8e-4
     unet_dtype: str = "bfloat16"  # autocast dtype of the UNet's training forward; ~25% faster on CPUs with AMX, "float32" = off
     unet_loss: str = "min-snr"  # "min-snr": v-MSE weighted min(snr, 5) / (snr + 1); "v": plain v-MSE, every timestep alike
-    unet_high_noise: float = 0.0  # share of each UNet batch drawn from t >= 900 instead of uniformly (0 to 1)
+    unet_high_noise: float = 0.0  # share of each UNet batch drawn from t >= unet_high_noise_from instead of uniformly (0 to 1)
+    unet_high_noise_from: int = 900  # 0 .. 999
     unet_channels: str = "32,64,128"  # channels per UNet level: 3 levels (32x32 to 8x8) or 4 (down to 4x4), multiples of 32
     unet_text: str = "tokens"  # "tokens": cross-attention to the token states; "tokens+pooled": also the pooled caption in the timestep embedding
     unet_input: str = "latents"  # "latents+coords": two more input channels that say where in the frame each pixel is
@@ -46,6 +47,8 @@ class Config:
                              f"e.g. '32,64,128' or '32,64,128,128'); got {self.unet_channels!r}")
         if not 0.0 <= self.unet_high_noise <= 1.0:
             raise ValueError(f"unet_high_noise must be between 0 and 1 (a share of each batch); got {self.unet_high_noise}")
+        if not 0 <= self.unet_high_noise_from <= 999:
+            raise ValueError(f"unet_high_noise_from must be a timestep between 0 and 999; got {self.unet_high_noise_from}")
         if self.eval_every < 0 or self.eval_every % 250:
             raise ValueError(f"eval_every must be 0 (off) or a multiple of 250, the checkpoint interval; got {self.eval_every}")
 

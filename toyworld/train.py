@@ -242,7 +242,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         # object's blob is visible through the noise below that, so uniform draws seldom teach placement from text.
         if cfg.unet_high_noise > 0:  # (0: no extra draws, so the random stream of earlier recipes is unchanged)
             high = torch.rand(cfg.unet_batch, generator=g) < cfg.unet_high_noise
-            t = torch.where(high, torch.randint(900, 1000, (cfg.unet_batch,), generator=g), t)
+            t = torch.where(high, torch.randint(cfg.unet_high_noise_from, 1000, (cfg.unet_batch,), generator=g), t)
         xt = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
         with torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32"):
