@@ -122,9 +122,9 @@ def _append_coordinates(conv_in, args):
 def with_coordinates(unet):
     """A UNet whose config has in_channels = out_channels + 2 reads two coordinate channels after the latents.
 
-    Attention and 3x3 convolutions do not know where in the frame a pixel is (only zero padding tells them), so a
-    UNet trained on "in the top left corner" placed objects where the seed's noise put them; the embedded
-    default's UNet is trained with these channels (README: recipe experiments). They are appended inside the
+    Attention and 3x3 convolutions do not know where in the frame a pixel is (only zero padding tells them); these
+    channels tell them (`flashtile train --unet-input latents+coords`; the shipped embedded default has none,
+    README: recipe experiments). They are appended inside the
     UNet, at its first convolution, so the UNet still takes and returns latents, and every pipeline (the base
     generator, diffusers' img2img for refiner tiles, where a tile spans -1..1 like a whole image) runs it unchanged.
     """

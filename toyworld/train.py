@@ -238,8 +238,8 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         ctx[drop] = empty
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
-        # Part of each batch from t >= 900 (SNR <= 0.024), where only the caption can say where things go: a lone
-        # object's blob is visible through the noise below that, so uniform draws seldom teach placement from text.
+        # Part of each batch from t >= unet_high_noise_from: only near pure noise (t above about 985 here) must the
+        # caption alone say where things go; below that the layout shows through, so uniform draws seldom teach it.
         if cfg.unet_high_noise > 0:  # (0: no extra draws, so the random stream of earlier recipes is unchanged)
             high = torch.rand(cfg.unet_batch, generator=g) < cfg.unet_high_noise
             t = torch.where(high, torch.randint(cfg.unet_high_noise_from, 1000, (cfg.unet_batch,), generator=g), t)
