@@ -16,6 +16,11 @@ from stages.generate import make_scheduler, preferred_scheduler
 from stages.models import ModelDir, with_coordinates
 from stages.types import PromptEmbeds, Tile
 
+# The detail pass re-noises each tile to this signal-to-noise ratio: enough to redraw edges, too little to
+# redraw what the tile shows. It is where strength 0.3 starts on the plain cosine schedule; as a noise level
+# rather than a share of the schedule, it means the same on shifted (`--noise-shift`) and linear schedules.
+REFINE_START_SNR = 3.7
+
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
 _LUMA = torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]
 
@@ -57,6 +62,16 @@ def blend_tiles(image: torch.Tensor, tiles: list[Tile], overlap: int) -> torch.T
     return image * (1 - cover) + refined / weight.clamp(min=1e-8) * cover
 
 
+def strength_for_snr(scheduler_config: dict, snr: float) -> float:
+    """The img2img strength that starts at the first timestep whose SNR is at most `snr` on this schedule."""
+    if snr <= 0:
+        raise ValueError(f"snr must be positive; got {snr}")
+    alphas = make_scheduler("ddim", scheduler_config).alphas_cumprod  # [T], the schedule every sampler shares
+    below = (alphas / (1 - alphas) <= snr).nonzero()
+    t = int(below[0]) if len(below) else len(alphas) - 1
+    return (t + 1) / len(alphas)
+
+
 class Refiner:
     """Detail pass over selected tiles. The UNet is the base model's or a refiner UNet of its own."""
 
@@ -69,8 +84,10 @@ class Refiner:
         family: str = "sd",
         tile_size: int | None = None,
         overlap: int | None = None,
-        strength: float = 0.3,
+        strength: float | None = None,
     ):
+        if strength is None:
+            strength = strength_for_snr(scheduler_config, REFINE_START_SNR)
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"refiner strength must be in (0, 1]; got {strength}")
         self.unet = unet

@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from stages import tiling
 from stages.encode import PromptEncoder
 from stages.generate import BaseGenerator
-from stages.refine import Refiner, detail_map
+from stages.refine import REFINE_START_SNR, Refiner, detail_map, strength_for_snr
 from stages.sizes import SCHEDULERS, output_size
 from stages.types import Cancelled, Tile
 from stages.upscale import Upscaler, build_compact_upscaler
@@ -241,7 +242,27 @@ def test_refiner_runs_img2img_on_selected_tiles(refiner, embeds):
     again, _ = refiner(image, embeds, seed=4, budget=2, steps=4, guidance_scale=5.0)
     assert n == 2 and out.shape == image.shape and torch.equal(out, again)
     assert (out - image).abs().max() > 0.01
-    assert refiner.steps_run(30) == 9 and refiner.steps_run(1) == 1
+    assert refiner.steps_run(30) == int(30 * refiner.strength) and refiner.steps_run(1) == 1
+
+
+def test_refiner_strength_is_a_noise_level_not_a_share_of_the_schedule():
+    from toyworld.train import scheduler_config
+
+    def start_snr(config, strength):
+        alphas = DDIMScheduler(**config).alphas_cumprod
+        t = round(strength * len(alphas)) - 1
+        return (alphas[t] / (1 - alphas[t])).item()
+
+    plain, shifted = scheduler_config(1.0), scheduler_config(2.0)
+    linear = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    # The plain cosine schedule keeps the classic 0.3; a noisier schedule gets a smaller share of it.
+    assert strength_for_snr(plain, REFINE_START_SNR) == 0.3
+    assert 0.1 < strength_for_snr(shifted, REFINE_START_SNR) < 0.2
+    for config in (plain, shifted, linear):
+        strength = strength_for_snr(config, REFINE_START_SNR)
+        assert start_snr(config, strength) <= REFINE_START_SNR < start_snr(config, strength - 0.001)
+    with pytest.raises(ValueError, match="snr"):
+        strength_for_snr(plain, 0.0)
 
 
 def test_tiling_covers_the_image():
