@@ -78,7 +78,7 @@ def test_generator_shape_determinism_and_progress(generator, embeds, scheduler):
     assert torch.equal(a.image, b.image)
     assert not torch.equal(a.image, c.image)
     assert [e.step for e in events] == [1, 2, 3] and a.steps == 3
-    assert all(e.stage == "base" and e.latents.shape == (1, generator.unet.config.in_channels, 44, 24) for e in events)
+    assert all(e.stage == "base" and e.latents.shape == (1, generator.unet.config.out_channels, 44, 24) for e in events)
 
 
 def test_fast_and_quality_start_from_the_same_noise(generator, embeds):

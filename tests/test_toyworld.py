@@ -171,7 +171,7 @@ def test_model_card_of_a_vae_from_run_takes_the_reused_parts_from_the_run_that_t
     text = card.write(run).read_text()
     command = text.split("```bash\n")[1].split("\n")[0]
     assert "--vae-from" not in command and "--eval-every" not in command  # the command reruns everything
-    assert f"trained with `--vae-from {DEFAULT_WEIGHTS}`" in text
+    assert f"trained with `--vae-from {reused['from']}`" in text  # the run that trained them (the first of a chain)
     rows = {line.split(" (")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert rows["autoencoder"].endswith(f"| {reused['wall_s']['vae'] / 60:.1f} min (latents and the round-trip check included) |")
     assert rows["upscaler"].endswith(f"| {reused['wall_s']['upscaler'] / 60:.1f} min |")
