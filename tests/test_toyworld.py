@@ -94,7 +94,7 @@ def test_training_config_refuses_unknown_choices_naming_the_allowed_ones(field, 
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5])
-def test_training_config_high_noise_share_is_a_share(bad):
+def test_training_config_high_noise_share_and_loss_floor_are_bounded(bad):
     from toyworld.config import Config
 
     assert Config(unet_high_noise=0.5).unet_high_noise == 0.5
@@ -102,6 +102,22 @@ def test_training_config_high_noise_share_is_a_share(bad):
         Config(unet_high_noise=bad)
     with pytest.raises(ValueError, match="unet_high_noise_from must be a timestep between 0 and 999; got 1000"):
         Config(unet_high_noise_from=1000)
+    with pytest.raises(ValueError, match=re.escape(f"unet_loss_floor must be between 0 (plain min-SNR) and 1 (a v-loss weight); got {bad}")):
+        Config(unet_loss_floor=bad)
+
+
+def test_loss_floor_lifts_only_the_high_noise_steps():
+    import torch
+
+    from toyworld.config import Config
+    from toyworld.train import loss_weights
+
+    snr = torch.tensor([1e-6, 0.1, 1.0, 5.0, 100.0])
+    plain = loss_weights(Config(), snr)
+    torch.testing.assert_close(plain, torch.tensor([1e-6 / (1 + 1e-6), 0.1 / 1.1, 0.5, 5 / 6, 5 / 101]))
+    floored = loss_weights(Config(unet_loss_floor=0.25), snr)
+    torch.testing.assert_close(floored, torch.tensor([0.25, 0.25, 0.5, 5 / 6, 5 / 101]))
+    torch.testing.assert_close(loss_weights(Config(unet_loss="v"), snr), torch.ones(5))
 
 
 def test_training_config_scores_only_at_checkpoints():

@@ -18,6 +18,7 @@ class Config:
     unet_lr: float = 8e-4
     unet_dtype: str = "bfloat16"  # autocast dtype of the UNet's training forward; ~25% faster on CPUs with AMX, "float32" = off
     unet_loss: str = "min-snr"  # "min-snr": v-MSE weighted min(snr, 5) / (snr + 1); "v": plain v-MSE, every timestep alike
+    unet_loss_floor: float = 0.0  # min-SNR only: the least weight of a high-noise timestep (SNR < 5; 0 to 1); > 0 keeps teaching the high-noise steps, where only the caption says what goes where
     noise_shift: float = 1.0  # the cosine schedule's SNR divided by noise_shift**2 (1 to 8): > 1 spends more steps on the layout
     unet_high_noise: float = 0.0  # share of each UNet batch drawn from t >= unet_high_noise_from instead of uniformly (0 to 1)
     unet_high_noise_from: int = 900  # 0 .. 999
@@ -48,6 +49,8 @@ class Config:
                              f"e.g. '32,64,128' or '32,64,128,128'); got {self.unet_channels!r}")
         if not 0.0 <= self.unet_high_noise <= 1.0:
             raise ValueError(f"unet_high_noise must be between 0 and 1 (a share of each batch); got {self.unet_high_noise}")
+        if not 0.0 <= self.unet_loss_floor <= 1.0:
+            raise ValueError(f"unet_loss_floor must be between 0 (plain min-SNR) and 1 (a v-loss weight); got {self.unet_loss_floor}")
         if not 1.0 <= self.noise_shift <= 8.0:
             raise ValueError(f"noise_shift must be between 1 (the plain cosine schedule) and 8; got {self.noise_shift}")
         if not 0 <= self.unet_high_noise_from <= 999:

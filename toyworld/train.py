@@ -215,6 +215,20 @@ def roundtrip_adherence(vae, n: int = 200) -> dict:
 # --- 3. UNet -------------------------------------------------------------------------------------------------------
 
 
+def loss_weights(cfg: Config, snr: torch.Tensor) -> torch.Tensor:
+    """[B] weights of each sample's v-MSE at its timestep's SNR.
+
+    min-SNR (gamma 5) for v-prediction is min(snr, 5) / (snr + 1): it gives the high-noise steps, where the layout is
+    decided, about the SNR itself (0.024 at t=900 on the plain cosine schedule, ~0 near t=999). `unet_loss_floor`
+    lifts them (and only them) back to at least that weight: only there must the caption alone say which colour is the sky and where
+    the object sits. Plain v-MSE ("v") weighs every step alike, but scored lower at equal steps (README).
+    """
+    if cfg.unet_loss == "v":
+        return torch.ones_like(snr)
+    w = torch.clamp(snr, max=5.0) / (snr + 1)
+    return torch.where(snr < 5.0, w.clamp(min=cfg.unet_loss_floor), w)  # the low-noise side keeps its min-SNR weights
+
+
 def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: torch.Tensor, log, checkpoint=None):
     """v-prediction (min-SNR weighted or plain MSE), CFG dropout to the empty prompt; returns the EMA of the weights."""
     import copy
@@ -262,11 +276,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         target = noise_sched.get_velocity(x0, noise, t)
         with torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32"):
             pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B, C, 32, 32]; weights stay float32
-        # min-SNR weighting (gamma 5) for v-prediction: weight = min(snr, 5) / (snr + 1). It gives the high-noise
-        # steps, where the composition is decided, little weight (0.024 at t=900); plain v-MSE ("v") weighs every
-        # step alike, but scored lower at equal steps (README: recipe experiments).
-        w = torch.clamp(snr[t], max=5.0) / (snr[t] + 1) if cfg.unet_loss == "min-snr" else 1.0
-        loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = (loss_weights(cfg, snr[t]) * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
