@@ -51,6 +51,19 @@ def test_checker_passes_ground_truth_and_fails_mismatches():
     assert v["mismatched"]["overall"] < 0.4
 
 
+def test_checker_tells_a_reversed_two_colour_background_from_a_wrong_one():
+    import dataclasses
+
+    for kind in ("vgradient", "hgradient", "horizon"):
+        s = next(s for _, s, _ in data.eval_set(200) if s.background.kind == kind)
+        reversed_bg = dataclasses.replace(s.background, colors=s.background.colors[::-1])
+        right, wrong = data.render(s), data.render(dataclasses.replace(s, background=reversed_bg))
+        assert evaluate.background_ok(right, s.background) and not evaluate.background_swapped(right, s.background)
+        assert evaluate.background_swapped(wrong, s.background) and not evaluate.background_ok(wrong, s.background)
+    plain = next(s for _, s, _ in data.eval_set(200) if s.background.kind == "plain")
+    assert not evaluate.background_swapped(data.render(plain), plain.background)
+
+
 def test_shipped_weights_match_the_model_card_checksums(default_model_dir):
     from stages.models import DEFAULT_WEIGHT_FILES, DEFAULT_WEIGHTS, weights_digest
     from toyworld.card import checksums, read_checksums
@@ -77,6 +90,11 @@ def test_generation_is_deterministic(flashtile):
 def test_prompt_adherence_floor_in_fast_mode(flashtile):
     result = evaluate.run(flashtile, n=16, modes=("fast",), log=lambda m: None)
     assert result["modes"]["fast"]["overall"] >= FAST16_FLOOR, result["modes"]["fast"]
+    # The breakdown by background covers every caption once and is printed with the table.
+    by_background = result["modes"]["fast"]["by_background"]
+    assert sum(row["n"] for row in by_background.values()) == 16 and "plain" in by_background
+    assert 0.0 <= result["modes"]["fast"]["background_swapped"] <= 1.0
+    assert "| two-colour background drawn reversed |" in evaluate.table(result)
 
 
 @pytest.mark.parametrize("field, bad, allowed", [

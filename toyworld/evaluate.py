@@ -28,6 +28,8 @@ from scipy.spatial import ConvexHull
 from toyworld import data
 
 ATTRIBUTES = ("background", "count", "colour", "shape", "position")
+BACKGROUND_KINDS = {"plain": "plain", "vgradient": "vertical gradient", "hgradient": "horizontal gradient",
+                    "horizon": "horizon (sky over ground)"}
 _NAMES = list(data.COLORS)
 _PALETTE = np.array([data.COLORS[n] for n in _NAMES], dtype=np.float32)  # [K, 3]
 FG_THRESHOLD = 60.0  # RGB distance from the named background that makes a pixel part of an object
@@ -46,14 +48,23 @@ def _majority(rgb: np.ndarray) -> str:
     return _NAMES[int(counts.argmax())]
 
 
-def background_ok(img: np.ndarray, bg: data.Background, strip: int = 8) -> bool:
+def _background_ends(img: np.ndarray, kind: str, strip: int = 8) -> tuple[str, ...]:
+    """The palette colour of the frame's edges (plain) or of its two ends (top/bottom, or left/right for hgradient)."""
     top, bottom, left, right = img[:strip], img[-strip:], img[:, :strip], img[:, -strip:]
-    if bg.kind == "plain":
-        edges = np.concatenate([top.reshape(-1, 3), bottom.reshape(-1, 3), left.reshape(-1, 3), right.reshape(-1, 3)])
-        return _majority(edges) == bg.colors[0]
-    if bg.kind == "hgradient":
-        return _majority(left) == bg.colors[0] and _majority(right) == bg.colors[1]
-    return _majority(top) == bg.colors[0] and _majority(bottom) == bg.colors[1]  # vgradient, horizon
+    if kind == "plain":
+        return (_majority(np.concatenate([e.reshape(-1, 3) for e in (top, bottom, left, right)])),)
+    if kind == "hgradient":
+        return _majority(left), _majority(right)
+    return _majority(top), _majority(bottom)  # vgradient, horizon
+
+
+def background_ok(img: np.ndarray, bg: data.Background) -> bool:
+    return _background_ends(img, bg.kind) == tuple(bg.colors)
+
+
+def background_swapped(img: np.ndarray, bg: data.Background) -> bool:
+    """A two-colour background drawn with its colours at the wrong ends (the caption's order not followed)."""
+    return bg.kind != "plain" and _background_ends(img, bg.kind) == tuple(bg.colors[::-1])
 
 
 def classify_shape(mask: np.ndarray) -> str:
@@ -222,16 +233,24 @@ def run(flashtile, n: int = 200, modes=("quality", "fast"), log=print) -> dict:
     cases = data.eval_set(n)
     images = {m: [] for m in modes}
     out = {"n": n, "modes": {}}
+    kinds = [s.background.kind for _, s, _ in cases]
     for mode in modes:
-        rows, latency = [], []
+        rows, latency, swapped = [], [], []
         for i, (seed, s, caption) in enumerate(cases):
             img, dt = generate(flashtile, caption, seed, mode)
             images[mode].append(img)
             rows.append(check(img, s))
             latency.append(dt)
+            if s.background.kind != "plain":
+                swapped.append(background_swapped(img, s.background))
             if (i + 1) % 50 == 0:
                 log(f"{mode}: {i + 1}/{n} overall so far {summarise(rows)['overall']:.3f}")
-        out["modes"][mode] = {**summarise(rows), "latency_s": float(np.mean(latency)), "rows": rows}
+        # Where adherence is lost: overall per background kind, and how often a two-colour background is reversed.
+        by_background = {k: {"n": kinds.count(k), "overall": summarise([r for r, q in zip(rows, kinds) if q == k])["overall"]}
+                         for k in BACKGROUND_KINDS if k in kinds}
+        out["modes"][mode] = {**summarise(rows), "latency_s": float(np.mean(latency)), "rows": rows,
+                              "by_background": by_background,
+                              "background_swapped": float(np.mean(swapped)) if swapped else float("nan")}
     if len(modes) == 2:
         a, b = modes
         out["ssim_fast_vs_quality"] = float(np.mean([ssim(x, y) for x, y in zip(images[a], images[b])]))
@@ -252,6 +271,15 @@ def table(result: dict, validation: dict | None = None) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{100 * result['modes'][m][a]:.1f}%" for m in modes) + " |")
     lines.append("| mean latency per image (s) | " + " | ".join(f"{result['modes'][m]['latency_s']:.2f}" for m in modes) + " |")
     text = "\n".join(lines)
+    if all("by_background" in result["modes"][m] for m in modes):
+        first = result["modes"][modes[0]]["by_background"]
+        lines = ["", "| overall adherence by background | captions | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
+        for k, row in first.items():
+            lines.append(f"| {BACKGROUND_KINDS[k]} | {row['n']} | "
+                         + " | ".join(f"{100 * result['modes'][m]['by_background'][k]['overall']:.1f}%" for m in modes) + " |")
+        lines.append(f"| two-colour background drawn reversed | {sum(r['n'] for k, r in first.items() if k != 'plain')} | "
+                     + " | ".join(f"{100 * result['modes'][m]['background_swapped']:.1f}%" for m in modes) + " |")
+        text += "\n" + "\n".join(lines)
     if "ssim_fast_vs_quality" in result:
         text += f"\n\nMean SSIM between the fast and the quality render of each seed: {result['ssim_fast_vs_quality']:.3f}"
         text += f" ({result['n']} held-aside captions, preview tier 256x256)."
