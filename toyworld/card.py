@@ -55,6 +55,8 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         ("UNet", "unet/diffusion_pytorch_model.safetensors"), ("VAE", "vae/diffusion_pytorch_model.safetensors"),
         ("upscaler", "upscaler/model.safetensors"))}
     steps_run = log.get("unet_steps_run", cfg["unet_steps"])
+    floor = cfg.get("unet_loss_floor", 0.0)
+    unet_loss = "plain MSE" if cfg.get("unet_loss") == "v" else "min-SNR-5 weights" + (f" floored at {floor}" if floor else "")
     unet_cfg = json.loads((weights / "unet/config.json").read_text())
     vae_cfg = json.loads((weights / "vae/config.json").read_text())
     side = unet_cfg["sample_size"]
@@ -118,7 +120,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
            if wall["data"] < 60 else "") + " |",
         f"| autoencoder ({cfg['vae_crop']}px crops; L1 + MSE, pooled-colour pin, latent noise {cfg['latent_noise']}) | {cfg['vae_steps']} | {cfg['vae_batch']} | {wall['vae'] / 60:.1f} min (latents and the round-trip check included) |",
         f"| upscaler (VAE round trip of a 256 render -> the 1024 render; L1) | {cfg['upscaler_steps']} | {cfg['upscaler_batch']} | {wall['upscaler'] / 60:.1f} min |",
-        f"| UNet (v-prediction, {'plain MSE' if cfg.get('unet_loss', 'min-snr') == 'v' else 'min-SNR-5 weights' + (f" floored at {cfg['unet_loss_floor']}" if cfg.get('unet_loss_floor') else '')}{', pooled caption in the timestep embedding' if cfg.get('unet_text') == 'tokens+pooled' else ''}, AdamW lr {cfg['unet_lr']}, cosine, EMA {cfg['ema_decay']}{'' if cfg.get('unet_dtype', 'float32') == 'float32' else ', ' + cfg['unet_dtype'] + ' autocast'}) | {steps_run} | {cfg['unet_batch']} | {wall['unet'] / 60:.1f} min |",
+        f"| UNet (v-prediction, {unet_loss}{', pooled caption in the timestep embedding' if cfg.get('unet_text') == 'tokens+pooled' else ''}, AdamW lr {cfg['unet_lr']}, cosine, EMA {cfg['ema_decay']}{'' if cfg.get('unet_dtype', 'float32') == 'float32' else ', ' + cfg['unet_dtype'] + ' autocast'}) | {steps_run} | {cfg['unet_batch']} | {wall['unet'] / 60:.1f} min |",
         f"| **total** | | | **{wall['total'] / 60:.1f} min** |",
         "",
         "With the data build the shipped run took about "
