@@ -128,6 +128,9 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         " step count is fixed and every random draw seeded, so the command above reruns the same training.",
         "",
     ]
+    # What the log's clock cannot tell (a run paused, or sharing its cores), written beside the weights by hand.
+    if (weights / "TRAINING_NOTES.md").is_file():
+        lines += [(weights / "TRAINING_NOTES.md").read_text().strip(), ""]
     rt = log.get("vae_roundtrip") or reused.get("vae_roundtrip")
     if rt:
         lines += [
