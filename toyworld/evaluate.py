@@ -277,8 +277,10 @@ def table(result: dict, validation: dict | None = None) -> str:
         for k, row in first.items():
             lines.append(f"| {BACKGROUND_KINDS[k]} | {row['n']} | "
                          + " | ".join(f"{100 * result['modes'][m]['by_background'][k]['overall']:.1f}%" for m in modes) + " |")
-        lines.append(f"| two-colour background drawn reversed | {sum(r['n'] for k, r in first.items() if k != 'plain')} | "
-                     + " | ".join(f"{100 * result['modes'][m]['background_swapped']:.1f}%" for m in modes) + " |")
+        n_two = sum(r["n"] for k, r in first.items() if k != "plain")
+        if n_two:  # (none among the first few captions: no row rather than "nan%")
+            lines.append(f"| two-colour background drawn reversed | {n_two} | "
+                         + " | ".join(f"{100 * result['modes'][m]['background_swapped']:.1f}%" for m in modes) + " |")
         text += "\n" + "\n".join(lines)
     if "ssim_fast_vs_quality" in result:
         text += f"\n\nMean SSIM between the fast and the quality render of each seed: {result['ssim_fast_vs_quality']:.3f}"

@@ -220,8 +220,8 @@ def loss_weights(cfg: Config, snr: torch.Tensor) -> torch.Tensor:
 
     min-SNR (gamma 5) for v-prediction is min(snr, 5) / (snr + 1): it gives the high-noise steps, where the layout is
     decided, about the SNR itself (0.024 at t=900 on the plain cosine schedule, ~0 near t=999). `unet_loss_floor`
-    lifts them (and only them) back to at least that weight: only there must the caption alone say which colour is the sky and where
-    the object sits. Plain v-MSE ("v") weighs every step alike, but scored lower at equal steps (README).
+    lifts them (and only them) back to at least that weight: only there must the caption alone say which colour is
+    the sky and where the object sits. Plain v-MSE ("v") weighs every step alike, but scored lower at equal steps.
     """
     if cfg.unet_loss == "v":
         return torch.ones_like(snr)
