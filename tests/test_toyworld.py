@@ -96,6 +96,7 @@ def test_prompt_adherence_floor_in_fast_mode(flashtile):
     assert 0.0 <= result["modes"]["fast"]["background_swapped"] <= 1.0
     assert "| two-colour background drawn reversed |" in evaluate.table(result)
 
+
 ORDER_PAIRS = [  # one caption per two-colour background kind; the test also draws it with the colours swapped
     ("vgradient", "a gradient from {} at the top to {} at the bottom", ("blue", "yellow")),
     ("hgradient", "a red circle on a gradient from {} on the left to {} on the right", ("white", "green")),
@@ -106,7 +107,7 @@ ORDER_PAIRS = [  # one caption per two-colour background kind; the test also dra
 def test_two_colour_backgrounds_follow_the_captions_order_not_the_seed(flashtile):
     # On one seed, a caption and the same caption with its two colours swapped: each render must put the colours
     # at the ends its caption names. Weights that learn the order from the seed's noise instead draw the same
-    # order for both captions, so half of these renders fail (the weights before the loss floor failed 18 of 36).
+    # order for both captions, so half of these renders fail (the weights before the loss floor got 18 of 36 such renders wrong).
     right = []
     for kind, template, (a, b) in ORDER_PAIRS:
         for seed in (0, 1):
