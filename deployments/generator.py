@@ -34,6 +34,7 @@ class GeneratorDeployment:
             "base_resolution": g.base_resolution,
             "size_multiple": g.size_multiple,
             "default_scheduler": g.default_scheduler,
+            "default_guidance": g.default_guidance,
         }
 
     async def generate(self, embeds: PromptEmbeds, params: dict) -> BaseImage:

@@ -42,7 +42,7 @@ from deployments import guard as _guard
 from deployments.guard import Guard, GuardMiddleware, Refusal, error as _error
 from deployments.storage import LocalOutputStore, OutputStore, StorageError
 from stages import sizes
-from stages.pipeline import REFINE_BUDGET, resolve_params
+from stages.pipeline import REFINE_BUDGET, guidance_for, resolve_params
 from stages import watermark
 from stages.png import encode_png
 from stages.refine import blend_tiles, select_tiles
@@ -303,7 +303,8 @@ class Ingress:
     async def _stages(self, request: GenerateRequest, stream: bool, calls: _Calls) -> AsyncIterator[dict]:
         info = await self._stage_info()
         g = info["generator"]
-        params = resolve_params(default_scheduler=g["default_scheduler"], **request.stage_fields())
+        params = resolve_params(default_scheduler=g["default_scheduler"], default_guidance=g["default_guidance"],
+                                **request.stage_fields())
         request_id = watermark.new_request_id()  # carried by the image's watermark
         timings, steps, replicas = {}, {}, {}
 
@@ -395,6 +396,7 @@ class Ingress:
         yield {"event": "result", "output_key": output_key, "result": GenerateResult(
             **delivery, request_id=request_id, seed=params.seed, width=image.shape[-1], height=image.shape[-2],
             size=params.size, aspect_ratio=params.aspect_ratio, mode=params.mode, scheduler=params.scheduler,
+            guidance_scale=params.guidance_scale,
             model=g["model_id"], steps=steps, timings={k: round(v, 4) for k, v in timings.items()},
             prompt_truncated=embeds_result.truncated, replicas=replicas, base_batch_size=base.meta.get("batch_size", 1),
         )}
@@ -579,6 +581,7 @@ class Ingress:
         g = (await self._stage_info())["generator"]
         return {"object": "list", "data": [{"id": g["model_id"], "object": "model", "owned_by": "flashtile",
                                             "base_resolution": g["base_resolution"], "tiers": list(sizes.TIERS),
+                                            "default_guidance": {m: guidance_for(m, g["default_guidance"]) for m in sizes.MODES},
                                             "aspect_ratios": list(sizes.ASPECTS)}]}
 
     @api.get("/healthz", summary="Liveness")

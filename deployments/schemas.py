@@ -9,11 +9,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from stages.sizes import ASPECTS, TIERS, Aspect, Mode, SchedulerName, Tier, output_size
+from stages.sizes import ASPECTS, MAX_GUIDANCE, TIERS, Aspect, Mode, SchedulerName, Tier, output_size
 
 MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 150
-MAX_GUIDANCE = 30.0
 MAX_SEED = 2**63 - 1
 MAX_TIMEOUT_S = 3600.0
 DELIVERY_FIELDS = {"response_format", "timeout_s"}  # how the answer is delivered, not what is drawn
@@ -36,7 +35,7 @@ class GenerateRequest(BaseModel):
     )
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Base denoising steps (default by mode).")
     guidance_scale: float | None = Field(
-        default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance scale."
+        default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance scale; default: the model's for the mode (GET /v1/models)."
     )
     scheduler: SchedulerName | None = Field(
         default=None, description="Sampler; default: the model's own (hybrid = Euler early, DPM++ 2M Karras after)."
@@ -110,6 +109,9 @@ class GenerateResult(BaseModel):
     aspect_ratio: Aspect
     mode: Mode
     scheduler: SchedulerName
+    guidance_scale: float | None = Field(
+        default=None, description="The guidance it ran at: the request's, else the model's for the mode."
+    )  # (None only in results stored before the field existed)
     model: str
     steps: dict[str, int] = Field(description="Steps and tiles actually run per stage.")
     timings: dict[str, float] = Field(description="Seconds spent per stage.")

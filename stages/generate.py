@@ -57,19 +57,24 @@ class BaseGenerator:
     `fast` and `quality` renders of a seed start from the same initial noise, so they share a composition.
     """
 
-    def __init__(self, unet, vae, scheduler_config: dict, model_id: str, family: str = "sd", vae_tiling: bool = True):
+    def __init__(
+        self, unet, vae, scheduler_config: dict, model_id: str, family: str = "sd", vae_tiling: bool = True,
+        default_guidance: dict[str, float] | None = None,
+    ):
         self.unet = unet
         self.vae = vae
         self.scheduler_config = scheduler_config
         self.model_id = model_id
         self.family = family
+        self.default_guidance = dict(default_guidance or {})  # mode -> scale tuned for this model (flashtile.json)
         if vae_tiling:
             vae.enable_tiling()  # tiles only decodes larger than the VAE's own tile size
 
     @classmethod
     def from_pretrained(cls, model: ModelDir, device="cpu", dtype=torch.float32, **kwargs) -> "BaseGenerator":
         unet, vae = model.load("unet", dtype).to(device), model.load("vae", dtype).to(device)
-        return cls(unet, vae, model.scheduler_config(), model.model_id, model.family, **kwargs)
+        return cls(unet, vae, model.scheduler_config(), model.model_id, model.family,
+                   default_guidance=model.default_guidance, **kwargs)
 
     @property
     def default_scheduler(self) -> str:

@@ -6,6 +6,7 @@ lightning variants included):
     model_index.json  tokenizer/  text_encoder/  [tokenizer_2/  text_encoder_2/]  unet/  vae/  scheduler/
     upscaler/         optional: model.safetensors (any spandrel architecture) or a diffusers SD x4 upscaler
     refiner/unet/     optional: a UNet of its own for the detail pass (else the base UNet is reused)
+    flashtile.json    optional: request defaults tuned for this model, {"guidance_scale": {"fast": 2, "quality": 3}}
 
 Weights are safetensors only: a pickle anywhere in the directory refuses the whole directory.
 """
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from stages.sizes import MAX_GUIDANCE, MODES
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 FAMILY_COMPONENTS = {
     "sd": ("tokenizer", "text_encoder", "unet", "vae", "scheduler"),
@@ -28,6 +31,7 @@ FAMILY_COMPONENTS = {
 }
 _LIBRARIES = ("transformers", "diffusers")  # the only modules a model_index.json may name classes from
 DEFAULT_MODEL_NAME = "flashtile-default-v1"
+SETTINGS_FILE = "flashtile.json"
 
 
 def cache_dir() -> Path:
@@ -53,6 +57,22 @@ def check_safetensors_only(root: Path) -> None:
                 raise ValueError(f"weights file {path} is not in safetensors format; Flashtile loads safetensors only")
 
 
+def read_settings(path: Path) -> dict[str, dict[str, float]]:
+    """A model's `flashtile.json`: per-mode request defaults, validated; {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    settings = json.loads(path.read_text())
+    if not isinstance(settings, dict) or set(settings) - {"guidance_scale"}:
+        raise ValueError(f"{path} may set only guidance_scale (per mode); got {settings!r}")
+    guidance = settings.get("guidance_scale", {})
+    if not isinstance(guidance, dict) or set(guidance) - set(MODES):
+        raise ValueError(f"{path}: guidance_scale maps modes ({', '.join(MODES)}) to scales; got {guidance!r}")
+    for mode, scale in guidance.items():
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 <= scale <= MAX_GUIDANCE):
+            raise ValueError(f"{path}: guidance_scale[{mode!r}] must be a number from 0 to {MAX_GUIDANCE}; got {scale!r}")
+    return {"guidance_scale": {mode: float(scale) for mode, scale in guidance.items()}}
+
+
 class ModelDir:
     """A validated diffusers-format model directory. Validation is cheap; components load on demand."""
 
@@ -72,6 +92,8 @@ class ModelDir:
             )
         check_safetensors_only(self.path)
         self.model_id = model_id or self.path.name
+        # The guidance each mode runs at unless a request says otherwise (modes absent here use the pipeline's).
+        self.default_guidance: dict[str, float] = read_settings(self.path / SETTINGS_FILE).get("guidance_scale", {})
 
     def _class(self, component: str):
         library, class_name = self.index[component]
@@ -123,9 +145,8 @@ def with_coordinates(unet):
     """A UNet whose config has in_channels = out_channels + 2 reads two coordinate channels after the latents.
 
     Attention and 3x3 convolutions do not know where in the frame a pixel is (only zero padding tells them); these
-    channels tell them (`flashtile train --unet-input latents+coords`; the shipped embedded default has none,
-    README: recipe experiments). They are appended inside the
-    UNet, at its first convolution, so the UNet still takes and returns latents, and every pipeline (the base
+    channels tell them (`flashtile train --unet-input latents+coords`, as the embedded default was trained). They are
+    appended inside the UNet, at its first convolution, so the UNet still takes and returns latents, and every pipeline (the base
     generator, diffusers' img2img for refiner tiles, where a tile spans -1..1 like a whole image) runs it unchanged.
     """
     extra = unet.config.in_channels - unet.config.out_channels
@@ -158,7 +179,7 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / DEFAULT_M
 DEFAULT_WEIGHT_FILES = (
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-    "scheduler/scheduler_config.json", "upscaler/model.safetensors",
+    "scheduler/scheduler_config.json", "upscaler/model.safetensors", SETTINGS_FILE,
 )
 
 

@@ -20,7 +20,7 @@ from stages.types import StepEvent
 from stages.upscale import Upscaler
 
 DEFAULT_STEPS = {"fast": 4, "quality": 30}
-DEFAULT_GUIDANCE = 5.0
+DEFAULT_GUIDANCE = 5.0  # for models whose flashtile.json names no guidance for the mode
 # Tiles the refiner may re-denoise per tier: detail goes where the image has the most of it.
 REFINE_BUDGET = {"preview": 0, "1k": 2, "2k": 4, "4k": 8}
 
@@ -43,6 +43,11 @@ class GenerationParams:
         return asdict(self)
 
 
+def guidance_for(mode: str, model_guidance: dict[str, float] | None) -> float:
+    """A mode's default guidance: the model's own (its flashtile.json), else DEFAULT_GUIDANCE."""
+    return (model_guidance or {}).get(mode, DEFAULT_GUIDANCE)
+
+
 def resolve_params(
     prompt: str,
     *,
@@ -55,8 +60,9 @@ def resolve_params(
     guidance_scale: float | None = None,
     scheduler: str | None = None,
     default_scheduler: str = "hybrid",
+    default_guidance: dict[str, float] | None = None,
 ) -> GenerationParams:
-    """Fill the defaults: a drawn seed, steps by mode, `preview` in fast mode."""
+    """Fill the defaults: a drawn seed, steps and guidance by mode (the model's own guidance where it has one)."""
     if size not in sizes.TIERS:
         raise ValueError(f"size must be one of {', '.join(sizes.TIERS)}; got {size!r}")
     if mode is None:
@@ -73,7 +79,7 @@ def resolve_params(
         aspect_ratio=aspect_ratio,
         mode=mode,
         steps=steps if steps is not None else DEFAULT_STEPS[mode],
-        guidance_scale=DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale,
+        guidance_scale=guidance_for(mode, default_guidance) if guidance_scale is None else guidance_scale,
         scheduler=scheduler or default_scheduler,
     )
 
@@ -126,7 +132,8 @@ class Flashtile:
         return self.generator.model_id
 
     def params(self, prompt: str, **fields) -> GenerationParams:
-        return resolve_params(prompt, default_scheduler=self.generator.default_scheduler, **fields)
+        g = self.generator
+        return resolve_params(prompt, default_scheduler=g.default_scheduler, default_guidance=g.default_guidance, **fields)
 
     def output_size(self, params: GenerationParams) -> tuple[int, int]:
         if params.size == "preview":

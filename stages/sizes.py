@@ -14,6 +14,7 @@ TIERS: tuple[str, ...] = ("preview", "1k", "2k", "4k")
 ASPECTS: tuple[str, ...] = ("1:1", "4:3", "3:4", "16:9", "9:16")
 MODES: tuple[str, ...] = ("fast", "quality")
 SCHEDULERS: tuple[str, ...] = ("euler", "dpmpp_2m_karras", "hybrid", "ddim")
+MAX_GUIDANCE = 30.0  # classifier-free guidance scale, requests and model defaults alike
 
 LONG_SIDE = {"1k": 1024, "2k": 2048, "4k": 4096}
 

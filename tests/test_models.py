@@ -77,3 +77,43 @@ def test_not_a_model_directory(tmp_path):
         ModelDir(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         resolve_model(tmp_path / "nowhere")
+
+
+def test_model_settings_set_each_modes_default_guidance(default_model_dir, tmp_path):
+    from stages.models import DEFAULT_WEIGHTS, SETTINGS_FILE, read_settings
+    from stages.pipeline import DEFAULT_GUIDANCE, resolve_params
+
+    # The embedded default carries the guidance tuned for it, and a request without guidance gets it per mode.
+    shipped = read_settings(DEFAULT_WEIGHTS / SETTINGS_FILE)["guidance_scale"]
+    model = ModelDir(default_model_dir)
+    assert model.default_guidance == shipped and set(shipped) == {"fast", "quality"}
+    for mode in ("fast", "quality"):
+        assert resolve_params("a", mode=mode, default_guidance=model.default_guidance).guidance_scale == shipped[mode]
+        assert resolve_params("a", mode=mode, default_guidance=model.default_guidance, guidance_scale=7.5).guidance_scale == 7.5
+
+    # A model that names one mode: the other keeps the pipeline's default; no file at all: both do.
+    one = _link_copy(default_model_dir, tmp_path / "one")
+    (one / SETTINGS_FILE).unlink()
+    (one / SETTINGS_FILE).write_text('{"guidance_scale": {"fast": 1.5}}')
+    guidance = ModelDir(one).default_guidance
+    assert resolve_params("a", mode="fast", default_guidance=guidance).guidance_scale == 1.5
+    assert resolve_params("a", mode="quality", default_guidance=guidance).guidance_scale == DEFAULT_GUIDANCE
+    (one / SETTINGS_FILE).unlink()
+    assert ModelDir(one).default_guidance == {}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"guidance_scale": {"slow": 2}}', r"guidance_scale maps modes \(fast, quality\)"),
+    ('{"guidance_scale": {"fast": 31}}', r"guidance_scale\['fast'\] must be a number from 0 to 30"),
+    ('{"guidance_scale": {"quality": NaN}}', r"guidance_scale\['quality'\] must be a number"),
+    ('{"guidance_scale": {"fast": "2"}}', r"guidance_scale\['fast'\] must be a number"),
+    ('{"steps": 4}', "may set only guidance_scale"),
+])
+def test_bad_model_settings_are_refused_with_the_field_named(default_model_dir, tmp_path, text, message):
+    from stages.models import SETTINGS_FILE
+
+    broken = _link_copy(default_model_dir, tmp_path / "m")
+    (broken / SETTINGS_FILE).unlink()
+    (broken / SETTINGS_FILE).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        ModelDir(broken)

@@ -144,6 +144,15 @@ def test_training_config_high_noise_share_and_loss_floor_are_bounded(bad):
         Config(unet_loss_floor=bad)
 
 
+@pytest.mark.parametrize("field", ["guidance_fast", "guidance_quality"])
+def test_training_config_guidance_defaults_are_guidance_scales(field):
+    from toyworld.config import Config
+
+    assert getattr(Config(**{field: 2.0}), field) == 2.0
+    with pytest.raises(ValueError, match=re.escape(f"{field} must be between 0 and 30 (a classifier-free guidance scale); got 31")):
+        Config(**{field: 31})
+
+
 def test_loss_floor_lifts_only_the_high_noise_steps():
     import torch
 

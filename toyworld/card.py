@@ -9,7 +9,7 @@ import math
 import sys
 from pathlib import Path
 
-from stages.models import DEFAULT_WEIGHT_FILES, DEFAULT_WEIGHTS
+from stages.models import DEFAULT_WEIGHT_FILES, DEFAULT_WEIGHTS, SETTINGS_FILE, read_settings
 
 
 def checksums(weights: Path) -> dict[str, tuple[str, int]]:
@@ -163,8 +163,13 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
             ]
     else:
         lines += ["(not measured yet)", ""]
+    from stages.pipeline import DEFAULT_STEPS, guidance_for
+
+    guidance = read_settings(weights / SETTINGS_FILE).get("guidance_scale", {})
     lines += [
-        "Quality = 30 DDIM steps, fast = 4, both guidance 5.0, on the base image (`preview` tier, 256x256) through",
+        f"Quality = {DEFAULT_STEPS['quality']} DDIM steps at guidance {guidance_for('quality', guidance):g}, fast ="
+        f" {DEFAULT_STEPS['fast']} at guidance {guidance_for('fast', guidance):g} (the model's request defaults, from its"
+        f" `{SETTINGS_FILE}`), on the base image (`preview` tier, 256x256) through",
         "`stages.pipeline.Flashtile`; latency is the wall time of one pipeline call on 2 shared CPU cores.",
         "",
         "![examples](examples.png)",

@@ -27,6 +27,8 @@ class Config:
     unet_input: str = "latents"  # "latents+coords": two more input channels that say where in the frame each pixel is
     ema_decay: float = 0.995
     cfg_dropout: float = 0.1  # share of captions replaced by the empty prompt (the pipeline's negative)
+    guidance_fast: float = 5.0  # request defaults written to the model's flashtile.json (0 to 30; 5 = the pipeline's own);
+    guidance_quality: float = 5.0  # the shipped values come from a sweep on tuning captions, not the reported ones (README)
     upscaler_steps: int = 600
     upscaler_batch: int = 16
     upscaler_scenes: int = 96
@@ -51,6 +53,9 @@ class Config:
             raise ValueError(f"unet_high_noise must be between 0 and 1 (a share of each batch); got {self.unet_high_noise}")
         if not 0.0 <= self.unet_loss_floor <= 1.0:
             raise ValueError(f"unet_loss_floor must be between 0 (plain min-SNR) and 1 (a v-loss weight); got {self.unet_loss_floor}")
+        for name in ("guidance_fast", "guidance_quality"):
+            if not 0.0 <= getattr(self, name) <= 30.0:
+                raise ValueError(f"{name} must be between 0 and 30 (a classifier-free guidance scale); got {getattr(self, name)}")
         if not 1.0 <= self.noise_shift <= 8.0:
             raise ValueError(f"noise_shift must be between 1 (the plain cosine schedule) and 8; got {self.noise_shift}")
         if not 0 <= self.unet_high_noise_from <= 999:

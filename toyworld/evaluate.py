@@ -217,11 +217,20 @@ def to_uint8(image) -> np.ndarray:
     return (image[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
 
+def mode_guidance(flashtile, mode: str) -> float:
+    """The guidance a request in `mode` gets by default from this model."""
+    from stages.pipeline import guidance_for
+
+    return guidance_for(mode, flashtile.generator.default_guidance)
+
+
 def generate(flashtile, caption: str, seed: int, mode: str) -> tuple[np.ndarray, float]:
-    """The base image (`preview` tier, 1:1) in `mode`'s step count, through the normal pipeline; wall seconds."""
+    """The base image (`preview` tier, 1:1) in `mode`'s steps and guidance, through the normal pipeline; wall seconds."""
     from stages.pipeline import DEFAULT_STEPS
 
-    params = flashtile.params(caption, seed=seed, size="preview", mode="fast", steps=DEFAULT_STEPS[mode])
+    # (`preview` is a fast-mode tier, so quality mode is asked for by its step count and guidance.)
+    params = flashtile.params(caption, seed=seed, size="preview", mode="fast", steps=DEFAULT_STEPS[mode],
+                              guidance_scale=mode_guidance(flashtile, mode))
     flashtile.encoder._cache.clear()  # every image pays for its prompt encoding
     t0 = time.perf_counter()
     result = flashtile(params)
@@ -249,6 +258,7 @@ def run(flashtile, n: int = 200, modes=("quality", "fast"), log=print) -> dict:
         by_background = {k: {"n": kinds.count(k), "overall": summarise([r for r, q in zip(rows, kinds) if q == k])["overall"]}
                          for k in BACKGROUND_KINDS if k in kinds}
         out["modes"][mode] = {**summarise(rows), "latency_s": float(np.mean(latency)), "rows": rows,
+                              "guidance": mode_guidance(flashtile, mode),
                               "by_background": by_background,
                               "background_swapped": float(np.mean(swapped)) if swapped else float("nan")}
     if len(modes) == 2:
@@ -264,7 +274,8 @@ def table(result: dict, validation: dict | None = None) -> str:
     from stages.pipeline import DEFAULT_STEPS
 
     modes = list(result["modes"])
-    head = "| attribute | " + " | ".join(f"{m} ({DEFAULT_STEPS[m]} steps)" for m in modes) + " |"
+    guidance = {m: f", guidance {result['modes'][m]['guidance']:g}" if "guidance" in result["modes"][m] else "" for m in modes}
+    head = "| attribute | " + " | ".join(f"{m} ({DEFAULT_STEPS[m]} steps{guidance[m]})" for m in modes) + " |"
     lines = [head, "|---|" + "---|" * len(modes)]
     for a in (*ATTRIBUTES, "overall", "all_correct"):
         name = {"all_correct": "all attributes right", "overall": "**overall adherence**"}.get(a, a)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stages.models import SETTINGS_FILE
 from toyworld import data
 from toyworld.config import Config
 
@@ -424,7 +425,7 @@ def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
 
 
 def train(out: Path, cfg: Config) -> dict:
-    """Train everything; write vae/ unet/ upscaler/ scheduler/ train_log.json loss_curves.png into `out`."""
+    """Train everything; write vae/ unet/ upscaler/ scheduler/ flashtile.json train_log.json loss_curves.png into `out`."""
     from diffusers import DDIMScheduler
 
     torch.set_num_threads(cfg.threads)
@@ -465,6 +466,8 @@ def train(out: Path, cfg: Config) -> dict:
 
     t = time.perf_counter()
     DDIMScheduler(**scheduler_config(cfg.noise_shift)).save_pretrained(out / "scheduler")
+    settings = {"guidance_scale": {"fast": cfg.guidance_fast, "quality": cfg.guidance_quality}}
+    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")  # the sampling defaults requests get
     d["images"] = None  # the UNet trains on latents only
     record["interim_adherence"] = []
 
