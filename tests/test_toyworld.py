@@ -95,6 +95,11 @@ def test_prompt_adherence_floor_in_fast_mode(flashtile):
     assert sum(row["n"] for row in by_background.values()) == 16 and "plain" in by_background
     assert 0.0 <= result["modes"]["fast"]["background_swapped"] <= 1.0
     assert "| two-colour background drawn reversed |" in evaluate.table(result)
+    # Each mode runs at the model's own default guidance (flashtile.json), and the table says which.
+    from stages.models import DEFAULT_WEIGHTS, SETTINGS_FILE, read_settings
+
+    shipped = read_settings(DEFAULT_WEIGHTS / SETTINGS_FILE)["guidance_scale"]["fast"]
+    assert result["modes"]["fast"]["guidance"] == shipped and f"fast (4 steps, guidance {shipped:g})" in evaluate.table(result)
 
 
 ORDER_PAIRS = [  # one caption per two-colour background kind; the test also draws it with the colours swapped
