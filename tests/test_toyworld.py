@@ -9,9 +9,9 @@ import torch
 
 from toyworld import data, evaluate
 
-# Measured on the shipped weights (eval.json): the first 16 held-aside captions in fast mode score 0.639 overall;
+# Measured on the shipped weights (eval.json): the first 16 held-aside captions in fast mode score 0.678 overall;
 # the floor leaves room for float differences between machines.
-FAST16_FLOOR = 0.55  # the checker's score on mismatched pairs is 0.19: above it, the model follows its captions
+FAST16_FLOOR = 0.59  # the checker's score on mismatched pairs is 0.19: above it, the model follows its captions
 
 
 def test_scenes_renders_and_captions_are_pure_functions_of_the_seed():

@@ -66,9 +66,15 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
 
     defaults = Config().__dict__
     shift = cfg.get("noise_shift", 1.0)
+    # The shipped request defaults, as the flags that make training write them (a run from before those flags
+    # existed, or tuned after training, has other values in its log).
+    guidance = read_settings(weights / SETTINGS_FILE).get("guidance_scale", {})
+    shipped = {f"guidance_{mode}": scale for mode, scale in guidance.items()}
+    tuned_after = {k: v for k, v in shipped.items() if cfg.get(k, defaults[k]) != v}
+    cfg = {**cfg, **shipped}
     # The command that reruns the whole training; --vae-from and interim scores only shortened or watched it.
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items()
-                     if defaults.get(k) != v and k not in ("vae_from", "eval_every", "eval_n"))
+    flags = " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                     for k, v in cfg.items() if defaults.get(k) != v and k not in ("vae_from", "eval_every", "eval_n"))
     lines = [
         "# flashtile-default-v1: the embedded default, trained on the toy world",
         "",
@@ -111,7 +117,10 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         + (f" {log['shared_cores']}" if log.get("shared_cores") else "")
         + (f" The UNet was trained with `--vae-from {reused['from']}`: the autoencoder and upscaler (and their rows"
            f" below) are those of the earlier run of this command, under torch {reused['torch']}; the command retrains"
-           " them first, with the same seeds." if reused else ""),
+           " them first, with the same seeds." if reused else "")
+        + (" The guidance defaults (" + ", ".join(f"`--{k.replace('_', '-')} {v:g}`" for k, v in tuned_after.items())
+           + ") were chosen after this run, by a sweep on 100 tuning captions (held-aside 200-299, not the reported"
+           " 200), and written into its `flashtile.json`; the flags write the same file." if tuned_after else ""),
         "",
         "| model | steps | batch | wall time |",
         "|---|---|---|---|",
