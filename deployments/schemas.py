@@ -35,7 +35,8 @@ class GenerateRequest(BaseModel):
     )
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Base denoising steps (default by mode).")
     guidance_scale: float | None = Field(
-        default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance scale; default: the model's for the mode (GET /v1/models)."
+        default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+        description="Classifier-free guidance scale; default: the model's for the mode (GET /v1/models).",
     )
     scheduler: SchedulerName | None = Field(
         default=None, description="Sampler; default: the model's own (hybrid = Euler early, DPM++ 2M Karras after)."

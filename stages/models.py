@@ -6,7 +6,7 @@ lightning variants included):
     model_index.json  tokenizer/  text_encoder/  [tokenizer_2/  text_encoder_2/]  unet/  vae/  scheduler/
     upscaler/         optional: model.safetensors (any spandrel architecture) or a diffusers SD x4 upscaler
     refiner/unet/     optional: a UNet of its own for the detail pass (else the base UNet is reused)
-    flashtile.json    optional: request defaults tuned for this model, {"guidance_scale": {"fast": 2, "quality": 3}}
+    flashtile.json    optional: request defaults tuned for this model, {"guidance_scale": {"fast": 1.5, "quality": 3}}
 
 Weights are safetensors only: a pickle anywhere in the directory refuses the whole directory.
 """
@@ -175,7 +175,8 @@ def resolve_model(location: str | os.PathLike | None) -> ModelDir:
 DEFAULT_BASE_RESOLUTION = 256  # unet sample_size 32 x VAE factor 8
 DEFAULT_TOKEN_LIMIT = 77
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / DEFAULT_MODEL_NAME
-# The trained files taken from DEFAULT_WEIGHTS (everything else there, such as the model card, stays behind).
+# The trained files taken from DEFAULT_WEIGHTS, with the request defaults tuned for them (everything else there,
+# such as the model card, stays behind).
 DEFAULT_WEIGHT_FILES = (
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
