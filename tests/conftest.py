@@ -28,6 +28,14 @@ def default_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def shipped_guidance() -> dict[str, float]:
+    """The embedded default's guidance per mode, from the flashtile.json committed beside its weights."""
+    from stages.models import DEFAULT_WEIGHTS, SETTINGS_FILE, read_settings
+
+    return read_settings(DEFAULT_WEIGHTS / SETTINGS_FILE)["guidance_scale"]
+
+
+@pytest.fixture(scope="session")
 def default_model(default_model_dir):
     from stages.models import resolve_model
 

@@ -246,13 +246,7 @@ def _sse(resp) -> list[tuple[str, dict]]:
     return events
 
 
-def _shipped_guidance() -> dict[str, float]:
-    from stages.models import DEFAULT_WEIGHTS, SETTINGS_FILE, read_settings
-
-    return read_settings(DEFAULT_WEIGHTS / SETTINGS_FILE)["guidance_scale"]
-
-
-def test_stream_reports_every_base_step_with_previews_then_the_image(cluster):
+def test_stream_reports_every_base_step_with_previews_then_the_image(cluster, shipped_guidance):
     body = {"prompt": "a small red star", "size": "1k", "seed": 2, "mode": "quality", "steps": 6}
     with API.post(f"{URL}/v1/generate/stream", json=body, stream=True, timeout=300) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
@@ -265,7 +259,7 @@ def test_stream_reports_every_base_step_with_previews_then_the_image(cluster):
     assert upscale and upscale[-1]["step"] == upscale[-1]["total"]
     kind, result = events[-1]
     assert kind == "result" and (result["width"], result["height"]) == (1024, 1024) and result["seed"] == 2
-    assert result["guidance_scale"] == _shipped_guidance()["quality"]  # no guidance asked: the model's for the mode
+    assert result["guidance_scale"] == shipped_guidance["quality"]  # no guidance asked: the model's for the mode
     assert Image.open(io.BytesIO(base64.b64decode(result["image_b64"]))).size == (1024, 1024)
 
 
@@ -380,11 +374,11 @@ def test_invalid_request_is_422_naming_the_field(cluster):
     assert "Traceback" not in resp.text
 
 
-def test_models_health_and_openapi(cluster):
+def test_models_health_and_openapi(cluster, shipped_guidance):
     assert requests.get(f"{URL}/healthz", timeout=10).json() == {"status": "ok"}
     models = API.get(f"{URL}/v1/models", timeout=10).json()["data"]
     assert models[0]["id"] == "flashtile-default-v1" and models[0]["base_resolution"] == 256
-    assert models[0]["default_guidance"] == _shipped_guidance()
+    assert models[0]["default_guidance"] == shipped_guidance
     paths = requests.get(f"{URL}/openapi.json", timeout=10).json()["paths"]
     assert {"/v1/generate", "/v1/models", "/healthz"} <= set(paths)
 

@@ -79,12 +79,12 @@ def test_not_a_model_directory(tmp_path):
         resolve_model(tmp_path / "nowhere")
 
 
-def test_model_settings_set_each_modes_default_guidance(default_model_dir, tmp_path):
-    from stages.models import DEFAULT_WEIGHTS, SETTINGS_FILE, read_settings
+def test_model_settings_set_each_modes_default_guidance(default_model_dir, tmp_path, shipped_guidance):
+    from stages.models import SETTINGS_FILE
     from stages.pipeline import DEFAULT_GUIDANCE, resolve_params
 
     # The embedded default carries the guidance tuned for it, and a request without guidance gets it per mode.
-    shipped = read_settings(DEFAULT_WEIGHTS / SETTINGS_FILE)["guidance_scale"]
+    shipped = shipped_guidance
     model = ModelDir(default_model_dir)
     assert model.default_guidance == shipped and set(shipped) == {"fast", "quality"}
     for mode in ("fast", "quality"):

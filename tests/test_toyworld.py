@@ -87,7 +87,7 @@ def test_generation_is_deterministic(flashtile):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-def test_prompt_adherence_floor_in_fast_mode(flashtile):
+def test_prompt_adherence_floor_in_fast_mode(flashtile, shipped_guidance):
     result = evaluate.run(flashtile, n=16, modes=("fast",), log=lambda m: None)
     assert result["modes"]["fast"]["overall"] >= FAST16_FLOOR, result["modes"]["fast"]
     # The breakdown by background covers every caption once and is printed with the table.
@@ -96,9 +96,7 @@ def test_prompt_adherence_floor_in_fast_mode(flashtile):
     assert 0.0 <= result["modes"]["fast"]["background_swapped"] <= 1.0
     assert "| two-colour background drawn reversed |" in evaluate.table(result)
     # Each mode runs at the model's own default guidance (flashtile.json), and the table says which.
-    from stages.models import DEFAULT_WEIGHTS, SETTINGS_FILE, read_settings
-
-    shipped = read_settings(DEFAULT_WEIGHTS / SETTINGS_FILE)["guidance_scale"]["fast"]
+    shipped = shipped_guidance["fast"]
     assert result["modes"]["fast"]["guidance"] == shipped and f"fast (4 steps, guidance {shipped:g})" in evaluate.table(result)
 
 

@@ -35,6 +35,11 @@ def _params(weights: Path, rel: str) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
+def _flag(name: str, value) -> str:
+    """A Config field as its `flashtile train` option: `--noise-shift 4`."""
+    return f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float) else f"--{name.replace('_', '-')} {value}"
+
+
 def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     from toyworld.evaluate import table
 
@@ -73,8 +78,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     tuned_after = {k: v for k, v in shipped.items() if cfg.get(k, defaults[k]) != v}
     cfg = {**cfg, **shipped}
     # The command that reruns the whole training; --vae-from and interim scores only shortened or watched it.
-    flags = " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                     for k, v in cfg.items() if defaults.get(k) != v and k not in ("vae_from", "eval_every", "eval_n"))
+    flags = " ".join(_flag(k, v) for k, v in cfg.items() if defaults.get(k) != v and k not in ("vae_from", "eval_every", "eval_n"))
     lines = [
         "# flashtile-default-v1: the embedded default, trained on the toy world",
         "",
@@ -118,7 +122,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         + (f" The UNet was trained with `--vae-from {reused['from']}`: the autoencoder and upscaler (and their rows"
            f" below) are those of the earlier run of this command, under torch {reused['torch']}; the command retrains"
            " them first, with the same seeds." if reused else "")
-        + (" The guidance defaults (" + ", ".join(f"`--{k.replace('_', '-')} {v:g}`" for k, v in tuned_after.items())
+        + (" The guidance defaults (" + ", ".join(f"`{_flag(k, v)}`" for k, v in tuned_after.items())
            + ") were chosen after this run, by a sweep on 100 tuning captions (held-aside 200-299, not the reported"
            " 200), and written into its `flashtile.json`; the flags write the same file." if tuned_after else ""),
         "",
@@ -174,7 +178,6 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         lines += ["(not measured yet)", ""]
     from stages.pipeline import DEFAULT_STEPS, guidance_for
 
-    guidance = read_settings(weights / SETTINGS_FILE).get("guidance_scale", {})
     lines += [
         f"Quality = {DEFAULT_STEPS['quality']} DDIM steps at guidance {guidance_for('quality', guidance):g}, fast ="
         f" {DEFAULT_STEPS['fast']} at guidance {guidance_for('fast', guidance):g} (the model's request defaults, from its"

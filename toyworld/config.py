@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from stages.sizes import MAX_GUIDANCE
+
 
 @dataclass
 class Config:
@@ -54,8 +56,9 @@ class Config:
         if not 0.0 <= self.unet_loss_floor <= 1.0:
             raise ValueError(f"unet_loss_floor must be between 0 (plain min-SNR) and 1 (a v-loss weight); got {self.unet_loss_floor}")
         for name in ("guidance_fast", "guidance_quality"):
-            if not 0.0 <= getattr(self, name) <= 30.0:
-                raise ValueError(f"{name} must be between 0 and 30 (a classifier-free guidance scale); got {getattr(self, name)}")
+            if not 0.0 <= getattr(self, name) <= MAX_GUIDANCE:
+                raise ValueError(f"{name} must be between 0 and {MAX_GUIDANCE:g} (a classifier-free guidance scale); "
+                                 f"got {getattr(self, name)}")
         if not 1.0 <= self.noise_shift <= 8.0:
             raise ValueError(f"noise_shift must be between 1 (the plain cosine schedule) and 8; got {self.noise_shift}")
         if not 0 <= self.unet_high_noise_from <= 999:
