@@ -121,7 +121,7 @@ def test_two_colour_backgrounds_follow_the_captions_order_not_the_seed(flashtile
 
 
 @pytest.mark.parametrize("field, bad, allowed", [
-    ("unet_dtype", "float16", "'bfloat16', 'float32'"),
+    ("unet_dtype", "float16", "'auto', 'bfloat16', 'float32'"),
     ("unet_loss", "snr", "'min-snr', 'v'"),
     ("unet_text", "pooled", "'tokens', 'tokens+pooled'"),
     ("unet_input", "coords", "'latents', 'latents+coords'"),
@@ -129,9 +129,23 @@ def test_two_colour_backgrounds_follow_the_captions_order_not_the_seed(flashtile
 def test_training_config_refuses_unknown_choices_naming_the_allowed_ones(field, bad, allowed):
     from toyworld.config import Config
 
-    assert (Config().unet_dtype, Config().unet_loss, Config().unet_text) == ("bfloat16", "min-snr", "tokens")
+    assert (Config().unet_dtype, Config().unet_loss, Config().unet_text) == ("auto", "min-snr", "tokens")
     with pytest.raises(ValueError, match=re.escape(f"{field} must be one of {allowed}; got '{bad}'")):
         Config(**{field: bad})
+
+
+def test_auto_training_dtype_is_bfloat16_only_where_the_cpu_has_it_natively():
+    # Emulated bfloat16 (an AVX2-only CPU) ran the UNet's training step 17x slower than float32 (README).
+    import torch
+
+    from toyworld.config import Config
+    from toyworld.train import resolve_dtype
+
+    caps = torch.cpu.get_capabilities()
+    native = bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+    assert resolve_dtype(Config()).unet_dtype == ("bfloat16" if native else "float32")
+    for chosen in ("bfloat16", "float32"):  # an explicit choice is kept on any CPU
+        assert resolve_dtype(Config(unet_dtype=chosen)).unet_dtype == chosen
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5])

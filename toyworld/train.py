@@ -13,7 +13,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -424,11 +424,25 @@ def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
     img.save(path)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX or AVX-512 BF16); elsewhere torch emulates it, slowly."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def resolve_dtype(cfg: Config) -> Config:
+    """`unet_dtype="auto"` made concrete for this CPU, so the log and the model card name what really ran."""
+    if cfg.unet_dtype != "auto":
+        return cfg
+    return replace(cfg, unet_dtype="bfloat16" if native_bf16() else "float32")
+
+
 def train(out: Path, cfg: Config) -> dict:
     """Train everything; write vae/ unet/ upscaler/ scheduler/ flashtile.json train_log.json loss_curves.png into `out`."""
     from diffusers import DDIMScheduler
 
     torch.set_num_threads(cfg.threads)
+    cfg = resolve_dtype(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -436,6 +450,8 @@ def train(out: Path, cfg: Config) -> dict:
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:7.0f}s] {msg}", flush=True)
+
+    log(f"UNet forward in {cfg.unet_dtype}" + (" (autocast)" if cfg.unet_dtype != "float32" else ""))
 
     t = time.perf_counter()
     d = build_data(cfg, log)
