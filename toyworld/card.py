@@ -77,8 +77,10 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     shipped = {f"guidance_{mode}": scale for mode, scale in guidance.items()}
     tuned_after = {k: v for k, v in shipped.items() if cfg.get(k, defaults[k]) != v}
     cfg = {**cfg, **shipped}
-    # The command that reruns the whole training; --vae-from and interim scores only shortened or watched it.
-    flags = " ".join(_flag(k, v) for k, v in cfg.items() if defaults.get(k) != v and k not in ("vae_from", "eval_every", "eval_n"))
+    # The command that reruns the whole training; --vae-from and interim scores only shortened or watched it, and
+    # the dtype is the CPU's (`auto`; the UNet row below names the one that ran).
+    skip = ("vae_from", "eval_every", "eval_n", "unet_dtype")
+    flags = " ".join(_flag(k, v) for k, v in cfg.items() if defaults.get(k) != v and k not in skip)
     lines = [
         "# flashtile-default-v1: the embedded default, trained on the toy world",
         "",

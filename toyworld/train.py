@@ -426,7 +426,7 @@ def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
 
 def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AMX or AVX-512 BF16); elsewhere torch emulates it, slowly."""
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    caps = torch.cpu.get_capabilities()
     return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
 
