@@ -146,7 +146,9 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     # What the log's clock cannot tell (a run paused, or sharing its cores), written beside the weights by hand.
     if (weights / "TRAINING_NOTES.md").is_file():
         lines += [(weights / "TRAINING_NOTES.md").read_text().strip(), ""]
-    rt = log.get("vae_roundtrip") or reused.get("vae_roundtrip")
+    # The ceiling as the checker of the training run scored it, where eval.json (whose table prints it as the
+    # current checker scores it) has none.
+    rt = None if (ev or {}).get("eval", {}).get("autoencoder_ceiling") else log.get("vae_roundtrip") or reused.get("vae_roundtrip")
     if rt:
         lines += [
             "The evaluator's scores on the 200 evaluation scenes passed through the autoencoder alone (the ceiling"
