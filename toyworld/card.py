@@ -148,7 +148,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         lines += [(weights / "TRAINING_NOTES.md").read_text().strip(), ""]
     # The ceiling as the checker of the training run scored it, where eval.json (whose table prints it as the
     # current checker scores it) has none.
-    rt = None if (ev or {}).get("eval", {}).get("autoencoder_ceiling") else log.get("vae_roundtrip") or reused.get("vae_roundtrip")
+    rt = None if (ev or {}).get("eval", {}).get("autoencoder_ceiling") else (log.get("vae_roundtrip") or reused.get("vae_roundtrip"))
     if rt:
         lines += [
             "The evaluator's scores on the 200 evaluation scenes passed through the autoencoder alone (the ceiling"
