@@ -205,6 +205,33 @@ def test_loss_floor_lifts_only_the_high_noise_steps():
     torch.testing.assert_close(loss_weights(Config(unet_loss="v"), snr), torch.ones(5))
 
 
+def test_object_weight_lifts_the_pixels_an_object_covers_or_touches_and_nothing_else():
+    import torch
+
+    from toyworld.config import Config
+    from toyworld.train import object_weights
+
+    assert object_weights(Config(), 8) is None  # the default weighs every latent pixel alike
+    with pytest.raises(ValueError, match=re.escape("unet_object_weight must be between 0 (every latent pixel alike) and 20; got -1")):
+        Config(unet_object_weight=-1)
+    w = object_weights(Config(unet_object_weight=3.0), 40)  # [40, 1, 32, 32]
+    assert w.shape == (40, 1, 32, 32)
+    for i, (_, scene, _) in enumerate(data.train_set(40)):  # row i is training scene i, the one its latents come from
+        cov = data.coverage(scene, 32)  # [32, 32]
+        own = torch.from_numpy(cov)
+        assert torch.all(w[i, 0] >= 1.0 + 3.0 * own - 1e-6)  # an object's own cells weigh at least 1 + 3 x its coverage
+        assert torch.all(w[i, 0][own == 1.0] == 4.0)  # (a fully covered cell: 1 + 3)
+        # A cell two or more cells from every object is background, at weight 1; a cell beside one is its outline.
+        near = torch.nn.functional.max_pool2d(torch.from_numpy(cov)[None, None], 5, stride=1, padding=2)[0, 0] > 0
+        assert torch.all(w[i, 0][~near] == 1.0)
+        assert 1.0 < w[i, 0].mean() < 4.0
+    # The coverage is the scene's own drawing: where the render differs from its background alone.
+    scene = data.scene(7)
+    diff = np.abs(data.render(scene).astype(float) - np.round(data.background_rgb(scene.background))).sum(-1)
+    cov = data.coverage(scene)
+    assert np.all(diff[cov > 0.2] > 8) and np.all(diff[cov == 0] == 0) and (cov > 0.2).sum() > 100
+
+
 def test_training_config_scores_only_at_checkpoints():
     from toyworld.config import Config
 

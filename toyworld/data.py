@@ -211,6 +211,14 @@ def _mask(o: Obj, size: int) -> np.ndarray:
     return np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255.0
 
 
+def coverage(s: Scene, size: int = SIZE) -> np.ndarray:
+    """[size, size] float in [0, 1]: how much of each pixel the scene's objects cover, together."""
+    out = np.zeros((size, size), dtype=np.float32)
+    for o in s.objects:
+        out = np.maximum(out, _mask(o, size))
+    return out
+
+
 def render(s: Scene, size: int = SIZE) -> np.ndarray:
     """[size, size, 3] uint8 RGB: background, then each object composited with its anti-aliased coverage."""
     out = background_rgb(s.background, size)
