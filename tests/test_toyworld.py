@@ -232,6 +232,25 @@ def test_object_weight_lifts_the_pixels_an_object_covers_or_touches_and_nothing_
     assert np.all(diff[cov > 0.2] > 8) and np.all(diff[cov == 0] == 0) and (cov > 0.2).sum() > 100
 
 
+def test_object_weight_counts_only_where_the_objects_show_through_the_noise():
+    import torch
+
+    from toyworld.config import Config
+    from toyworld.train import loss_weights, unet_loss
+
+    cfg = Config(unet_object_weight=3.0, unet_object_min_snr=0.1)
+    pred, target = torch.zeros(2, 8, 4, 4), torch.zeros(2, 8, 4, 4)
+    pred[:, :, 0, 0] = 1.0  # an error of 1 on one pixel of 16, in every channel
+    weights = torch.ones(2, 1, 4, 4)
+    weights[:, :, 0, 0] = 4.0  # ... and that pixel is an object's
+    snr = torch.tensor([0.05, 0.5])  # below and above the threshold
+    per_sample = torch.tensor([1 / 16, 4 / 16])  # unweighted below it, weighted above
+    torch.testing.assert_close(unet_loss(cfg, pred, target, snr, weights), (loss_weights(cfg, snr) * per_sample).mean())
+    torch.testing.assert_close(unet_loss(cfg, pred, target, snr), (loss_weights(cfg, snr) / 16).mean())
+    with pytest.raises(ValueError, match=re.escape("unet_object_min_snr must be between 0 and 100 (a signal-to-noise ratio); got -1")):
+        Config(unet_object_min_snr=-1)
+
+
 def test_training_config_scores_only_at_checkpoints():
     from toyworld.config import Config
 

@@ -62,6 +62,9 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     steps_run = log.get("unet_steps_run", cfg["unet_steps"])
     floor = cfg.get("unet_loss_floor", 0.0)
     unet_loss = "plain MSE" if cfg.get("unet_loss") == "v" else "min-SNR-5 weights" + (f" floored at {floor}" if floor else "")
+    if obj := cfg.get("unet_object_weight", 0.0):
+        unet_loss += (f", latent pixels an object covers or touches weighted up to {1 + obj:g}x at SNR"
+                      f" {cfg.get('unet_object_min_snr', 0.0):g} and above")
     unet_cfg = json.loads((weights / "unet/config.json").read_text())
     vae_cfg = json.loads((weights / "vae/config.json").read_text())
     side = unet_cfg["sample_size"]

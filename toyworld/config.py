@@ -23,6 +23,7 @@ class Config:
     unet_loss_floor: float = 0.0  # min-SNR only: the least weight of a high-noise timestep (SNR < 5; 0 to 1); > 0 keeps teaching the high-noise steps, where only the caption says what goes where
     noise_shift: float = 1.0  # the cosine schedule's SNR divided by noise_shift**2 (1 to 8): > 1 spends more steps on the layout
     unet_object_weight: float = 0.0  # extra v-MSE weight on the latent pixels an object covers or touches (0 to 20): they weigh 1 + this, the background 1; objects are ~3-25% of a scene, and their colour, shape and count are what is lost
+    unet_object_min_snr: float = 0.1  # the object weight applies only at timesteps of at least this SNR (0 to 100), where the objects already show through the noise: below it the best guess under an object-weighted loss paints objects wherever one might be (measured: extra objects)
     unet_high_noise: float = 0.0  # share of each UNet batch drawn from t >= unet_high_noise_from instead of uniformly (0 to 1)
     unet_high_noise_from: int = 900  # 0 .. 999
     unet_channels: str = "32,64,128"  # channels per UNet level: 3 levels (32x32 to 8x8) or 4 (down to 4x4), multiples of 32
@@ -58,6 +59,8 @@ class Config:
             raise ValueError(f"unet_loss_floor must be between 0 (plain min-SNR) and 1 (a v-loss weight); got {self.unet_loss_floor}")
         if not 0.0 <= self.unet_object_weight <= 20.0:
             raise ValueError(f"unet_object_weight must be between 0 (every latent pixel alike) and 20; got {self.unet_object_weight}")
+        if not 0.0 <= self.unet_object_min_snr <= 100.0:
+            raise ValueError(f"unet_object_min_snr must be between 0 and 100 (a signal-to-noise ratio); got {self.unet_object_min_snr}")
         for name in ("guidance_fast", "guidance_quality"):
             if not 0.0 <= getattr(self, name) <= MAX_GUIDANCE:
                 raise ValueError(f"{name} must be between 0 and {MAX_GUIDANCE:g} (a classifier-free guidance scale); "

@@ -215,13 +215,28 @@ def loss_weights(cfg: Config, snr: torch.Tensor) -> torch.Tensor:
     return torch.where(snr < 5.0, w.clamp(min=cfg.unet_loss_floor), w)  # the low-noise side keeps its min-SNR weights
 
 
+def unet_loss(cfg: Config, pred: torch.Tensor, target: torch.Tensor, snr: torch.Tensor,
+              pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's loss: each sample's v-MSE ([B, C, H, W] -> [B]) times its timestep's weight (`loss_weights`).
+
+    `pixel_weights` ([B, 1, H, W], from `object_weights`) weigh each latent pixel's squared error, but only in samples
+    whose SNR is at least `unet_object_min_snr`: where the noise still hides the layout, a weight that depends on where
+    the objects are biases the best prediction towards drawing objects wherever one might be.
+    """
+    err = (pred - target) ** 2  # [B, C, H, W]
+    if pixel_weights is not None:
+        shows = (snr >= cfg.unet_object_min_snr).view(-1, 1, 1, 1)  # [B, 1, 1, 1]
+        err = err * torch.where(shows, pixel_weights, torch.ones_like(pixel_weights))
+    return (loss_weights(cfg, snr) * err.mean(dim=(1, 2, 3))).mean()
+
+
 def object_weights(cfg: Config, n: int) -> torch.Tensor | None:
     """[N, 1, 32, 32] per-pixel weights of the v-MSE for the first `n` training scenes, or None (`unet_object_weight` 0).
 
     A latent pixel that an object covers or touches (its 8x8 cell's coverage, grown by one cell so the outline
     and its halo count too) weighs 1 + unet_object_weight, the background 1: a lone small object is ~5% of the
     frame, so under plain MSE its colour, shape and count are a small part of the loss, and the background
-    (right ~98% of the time) the rest.
+    (right ~98% of the time) the rest. `unet_loss` applies them only where the objects show through the noise.
     """
     if cfg.unet_object_weight <= 0:
         return None
@@ -281,10 +296,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         target = noise_sched.get_velocity(x0, noise, t)
         with torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32"):
             pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B, C, 32, 32]; weights stay float32
-        err = (pred - target) ** 2  # [B, C, 32, 32]
-        if pixel_weights is not None:
-            err = err * pixel_weights[idx]
-        loss = (loss_weights(cfg, snr[t]) * err.mean(dim=(1, 2, 3))).mean()
+        loss = unet_loss(cfg, pred, target, snr[t], None if pixel_weights is None else pixel_weights[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
