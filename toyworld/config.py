@@ -22,7 +22,7 @@ class Config:
     unet_loss: str = "min-snr"  # "min-snr": v-MSE weighted min(snr, 5) / (snr + 1); "v": plain v-MSE, every timestep alike
     unet_loss_floor: float = 0.0  # min-SNR only: the least weight of a high-noise timestep (SNR < 5; 0 to 1); > 0 keeps teaching the high-noise steps, where only the caption says what goes where
     noise_shift: float = 1.0  # the cosine schedule's SNR divided by noise_shift**2 (1 to 8): > 1 spends more steps on the layout
-    unet_object_weight: float = 0.0  # extra v-MSE weight on the latent pixels an object covers or touches (0 to 20): they weigh 1 + this, the background 1; objects are ~3-25% of a scene, and their colour, shape and count are what is lost
+    unet_object_weight: float = 0.0  # extra v-MSE weight on the latent pixels an object covers or touches (0 to 20): they weigh up to 1 + this (by how much of the cell is covered), the background 1; objects are ~3-25% of a scene, and their colour, shape and count are what is lost
     unet_object_min_snr: float = 0.1  # the object weight applies only at timesteps of at least this SNR (0 to 100), where the objects already show through the noise: below it the best guess under an object-weighted loss paints objects wherever one might be (measured: extra objects)
     unet_high_noise: float = 0.0  # share of each UNet batch drawn from t >= unet_high_noise_from instead of uniformly (0 to 1)
     unet_high_noise_from: int = 900  # 0 .. 999

@@ -234,7 +234,8 @@ def object_weights(cfg: Config, n: int) -> torch.Tensor | None:
     """[N, 1, 32, 32] per-pixel weights of the v-MSE for the first `n` training scenes, or None (`unet_object_weight` 0).
 
     A latent pixel that an object covers or touches (its 8x8 cell's coverage, grown by one cell so the outline
-    and its halo count too) weighs 1 + unet_object_weight, the background 1: a lone small object is ~5% of the
+    and its halo count too) weighs up to 1 + unet_object_weight (1 + weight x the largest coverage among it and its
+    8 neighbours), the background 1: a lone small object is ~5% of the
     frame, so under plain MSE its colour, shape and count are a small part of the loss, and the background
     (right ~98% of the time) the rest. `unet_loss` applies them only where the objects show through the noise.
     """
@@ -250,7 +251,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
                pixel_weights: torch.Tensor | None = None):
     """v-prediction (min-SNR weighted or plain MSE), CFG dropout to the empty prompt; returns the EMA of the weights.
 
-    `pixel_weights` ([N, 1, 32, 32], from `object_weights`) weigh each latent pixel's squared error."""
+    `pixel_weights` ([N, 1, 32, 32], from `object_weights`) weigh each latent pixel's squared error (`unet_loss`)."""
     import copy
 
     from diffusers import DDIMScheduler
