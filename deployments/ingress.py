@@ -313,7 +313,7 @@ class Ingress:
         embeds = calls.add("encode", self._encoder.encode.remote(params.prompt, params.negative_prompt))
         width, height = sizes.base_size(params.aspect_ratio, g["base_resolution"], g["size_multiple"])
         base_params = dict(seed=params.seed, width=width, height=height, steps=params.steps,
-                           guidance_scale=params.guidance_scale, scheduler=params.scheduler)
+                           guidance_scale=params.guidance_scale, scheduler=params.scheduler, mode=params.mode)
         if stream:
             every = max(1, params.steps // PREVIEWS_PER_RUN)
             progress = calls.add("base", self._generator.options(stream=True).generate_stream.remote(embeds, base_params, every))

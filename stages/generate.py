@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from stages.models import ModelDir
-from stages.sizes import SCHEDULERS
+from stages.sizes import MODES, SCHEDULERS
 from stages.types import BaseImage, PromptEmbeds, StepCallback, StepEvent
 
 MAX_STEPS = 150
@@ -55,26 +55,32 @@ class BaseGenerator:
     """Text-to-image at base resolution, for SD-family and SDXL UNets.
 
     `fast` and `quality` renders of a seed start from the same initial noise, so they share a composition.
+    A model may ship a `fast_unet` distilled from its UNet for fast mode (few steps, guidance built in); fast
+    requests then run it, and it was trained to land where the UNet's many guided steps land from that noise.
     """
 
     def __init__(
         self, unet, vae, scheduler_config: dict, model_id: str, family: str = "sd", vae_tiling: bool = True,
-        default_guidance: dict[str, float] | None = None,
+        default_guidance: dict[str, float] | None = None, fast_unet=None, ddim_eta: dict[str, float] | None = None,
     ):
         self.unet = unet
+        self.fast_unet = fast_unet
         self.vae = vae
         self.scheduler_config = scheduler_config
         self.model_id = model_id
         self.family = family
         self.default_guidance = dict(default_guidance or {})  # mode -> scale tuned for this model (flashtile.json)
+        self.ddim_eta = dict(ddim_eta or {})  # mode -> the DDIM sampler's fresh noise per step (flashtile.json; else 0)
         if vae_tiling:
             vae.enable_tiling()  # tiles only decodes larger than the VAE's own tile size
 
     @classmethod
     def from_pretrained(cls, model: ModelDir, device="cpu", dtype=torch.float32, **kwargs) -> "BaseGenerator":
         unet, vae = model.load("unet", dtype).to(device), model.load("vae", dtype).to(device)
+        fast = model.load_optional_unet("fast", dtype)
         return cls(unet, vae, model.scheduler_config(), model.model_id, model.family,
-                   default_guidance=model.default_guidance, **kwargs)
+                   default_guidance=model.default_guidance, fast_unet=None if fast is None else fast.to(device),
+                   ddim_eta=model.ddim_eta, **kwargs)
 
     @property
     def default_scheduler(self) -> str:
@@ -94,13 +100,15 @@ class BaseGenerator:
         """Pixel sides must divide by this: the VAE factor times the UNet's downsampling."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
-    def initial_noise(self, seed: int, width: int, height: int) -> torch.Tensor:
-        """Unit Gaussian latents from a CPU generator: the same on every device for a seed."""
-        generator = torch.Generator("cpu").manual_seed(seed)
+    def initial_noise(self, seed: int, width: int, height: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Unit Gaussian latents from a CPU generator: the same on every device for a seed. A `generator` seeded
+        with the seed goes on to draw that request's sampler noise (DDIM with eta > 0)."""
+        generator = generator or torch.Generator("cpu").manual_seed(seed)
         shape = (1, self.unet.config.out_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         return torch.randn(shape, generator=generator, dtype=torch.float32)  # [1, C, h/8, w/8]
 
-    def check_inputs(self, seed: int, width: int, height: int, steps: int, guidance_scale: float, scheduler: str):
+    def check_inputs(self, seed: int, width: int, height: int, steps: int, guidance_scale: float, scheduler: str,
+                     mode: str = "quality"):
         m = self.size_multiple
         if width <= 0 or height <= 0 or width % m or height % m:
             raise ValueError(f"width and height must be positive multiples of {m}; got {width}x{height}")
@@ -112,9 +120,11 @@ class BaseGenerator:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
         if not 0 <= seed < 2**63:
             raise ValueError(f"seed must be between 0 and 2**63-1; got {seed}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
 
     def __call__(self, embeds: PromptEmbeds, *, seed: int, on_step: StepCallback | None = None, **shared) -> BaseImage:
-        """One image: `shared` = width, height, steps, guidance_scale, scheduler (see generate_batch)."""
+        """One image: `shared` = width, height, steps, guidance_scale, scheduler, mode (see generate_batch)."""
         return self.generate_batch([embeds], [seed], on_step=on_step, **shared)[0]
 
     @torch.inference_mode()
@@ -128,9 +138,10 @@ class BaseGenerator:
         steps: int,
         guidance_scale: float,
         scheduler: str = "hybrid",
+        mode: str = "quality",
         on_step: StepCallback | None = None,
     ) -> list[BaseImage]:
-        """Several requests that share size, steps, guidance and scheduler, denoised as one batch.
+        """Several requests that share size, steps, guidance, scheduler and mode, denoised as one batch.
 
         Each keeps its own prompt and seed (its own initial noise). Batched float math may differ from a
         single run in the last bits; the composition is the same.
@@ -139,8 +150,10 @@ class BaseGenerator:
         if len(embeds) != len(seeds) or not seeds:
             raise ValueError(f"generate_batch needs one seed per prompt; got {len(embeds)} prompts, {len(seeds)} seeds")
         for seed in seeds:
-            self.check_inputs(seed, width, height, steps, guidance_scale, scheduler)
-        device, dtype = self.unet.device, self.unet.dtype
+            self.check_inputs(seed, width, height, steps, guidance_scale, scheduler, mode)
+        # Fast mode runs the distilled UNet where the model ships one (it expects the same latents and context).
+        unet = self.fast_unet if mode == "fast" and self.fast_unet is not None else self.unet
+        device, dtype = unet.device, unet.dtype
 
         # 1. Conditioning. Classifier-free guidance runs the unconditional branch in the same batch.
         cfg = guidance_scale > 1.0
@@ -172,9 +185,12 @@ class BaseGenerator:
         if hasattr(first, "set_begin_index"):  # DDIM keeps no step index
             first.set_begin_index(0)
 
-        # 3. Seeded initial noise per request, scaled to the first scheduler's starting sigma.
-        noise = torch.cat([self.initial_noise(seed, width, height) for seed in seeds])  # [B, C, h/8, w/8]
+        # 3. Seeded initial noise per request, scaled to the first scheduler's starting sigma. Each request's
+        #    generator then draws its own DDIM step noise (where the mode has eta > 0): batch-independent.
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        noise = torch.cat([self.initial_noise(s, width, height, g) for s, g in zip(seeds, generators)])  # [B, C, h/8, w/8]
         latents = noise.to(device, dtype) * first.init_noise_sigma
+        eta = self.ddim_eta.get(mode, 0.0) if scheduler == "ddim" else 0.0
 
         # 4. Denoise. The callback reports progress and may raise Cancelled to stop within one step.
         total = len(first.timesteps)
@@ -187,11 +203,15 @@ class BaseGenerator:
                 latents = latents / (first.sigmas[i] ** 2 + 1) ** 0.5
             model_in = torch.cat([latents] * 2) if cfg else latents
             model_in = sched.scale_model_input(model_in, t)
-            noise_pred = self.unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+            noise_pred = unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
             if cfg:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (cond - uncond)
-            out = sched.step(noise_pred, t, latents)
+            if eta > 0:
+                fresh = torch.cat([torch.randn(noise.shape[1:], generator=g)[None] for g in generators])
+                out = sched.step(noise_pred, t, latents, eta=eta, variance_noise=fresh.to(device, dtype))
+            else:
+                out = sched.step(noise_pred, t, latents)
             latents = out.prev_sample
             if on_step is not None:
                 denoised = getattr(out, "pred_original_sample", None)

@@ -6,7 +6,9 @@ lightning variants included):
     model_index.json  tokenizer/  text_encoder/  [tokenizer_2/  text_encoder_2/]  unet/  vae/  scheduler/
     upscaler/         optional: model.safetensors (any spandrel architecture) or a diffusers SD x4 upscaler
     refiner/unet/     optional: a UNet of its own for the detail pass (else the base UNet is reused)
-    flashtile.json    optional: request defaults tuned for this model, {"guidance_scale": {"fast": 1.5, "quality": 3}}
+    fast/unet/        optional: a UNet distilled for fast mode (few steps, the guidance built in; else the base UNet)
+    flashtile.json    optional: per-mode defaults tuned for this model, {"guidance_scale": {"fast": 1, "quality": 3},
+                      "ddim_eta": {"quality": 1}}
 
 Weights are safetensors only: a pickle anywhere in the directory refuses the whole directory.
 """
@@ -32,6 +34,8 @@ FAMILY_COMPONENTS = {
 _LIBRARIES = ("transformers", "diffusers")  # the only modules a model_index.json may name classes from
 DEFAULT_MODEL_NAME = "flashtile-default-v1"
 SETTINGS_FILE = "flashtile.json"
+SETTINGS_BOUNDS = {"guidance_scale": (0.0, MAX_GUIDANCE), "ddim_eta": (0.0, 1.0)}  # flashtile.json: key -> bounds
+OPTIONAL_UNETS = ("refiner", "fast")  # <role>/unet/: a UNet of its own for the detail pass, or for fast mode
 
 
 def cache_dir() -> Path:
@@ -58,19 +62,26 @@ def check_safetensors_only(root: Path) -> None:
 
 
 def read_settings(path: Path) -> dict[str, dict[str, float]]:
-    """A model's `flashtile.json`: per-mode request defaults, validated; {} when the file is absent."""
+    """A model's `flashtile.json`: per-mode request defaults, validated; {} when the file is absent.
+
+    guidance_scale: the classifier-free guidance a request without one gets; ddim_eta: the DDIM sampler's noise
+    (0 deterministic, 1 as much fresh noise per step as DDPM), drawn from the request's seed.
+    """
     if not path.is_file():
         return {}
     settings = json.loads(path.read_text())
-    if not isinstance(settings, dict) or set(settings) - {"guidance_scale"}:
-        raise ValueError(f"{path} may set only guidance_scale (per mode); got {settings!r}")
-    guidance = settings.get("guidance_scale", {})
-    if not isinstance(guidance, dict) or set(guidance) - set(MODES):
-        raise ValueError(f"{path}: guidance_scale maps modes ({', '.join(MODES)}) to scales; got {guidance!r}")
-    for mode, scale in guidance.items():
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 <= scale <= MAX_GUIDANCE):
-            raise ValueError(f"{path}: guidance_scale[{mode!r}] must be a number from 0 to {MAX_GUIDANCE}; got {scale!r}")
-    return {"guidance_scale": {mode: float(scale) for mode, scale in guidance.items()}}
+    if not isinstance(settings, dict) or set(settings) - set(SETTINGS_BOUNDS):
+        raise ValueError(f"{path} may set only {' and '.join(SETTINGS_BOUNDS)} (per mode); got {settings!r}")
+    out = {}
+    for key, (lo, hi) in SETTINGS_BOUNDS.items():
+        values = settings.get(key, {})
+        if not isinstance(values, dict) or set(values) - set(MODES):
+            raise ValueError(f"{path}: {key} maps modes ({', '.join(MODES)}) to numbers; got {values!r}")
+        for mode, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo <= value <= hi):
+                raise ValueError(f"{path}: {key}[{mode!r}] must be a number from {lo:g} to {hi:g}; got {value!r}")
+        out[key] = {mode: float(value) for mode, value in values.items()}
+    return out
 
 
 class ModelDir:
@@ -93,7 +104,9 @@ class ModelDir:
         check_safetensors_only(self.path)
         self.model_id = model_id or self.path.name
         # The guidance each mode runs at unless a request says otherwise (modes absent here use the pipeline's).
-        self.default_guidance: dict[str, float] = read_settings(self.path / SETTINGS_FILE).get("guidance_scale", {})
+        settings = read_settings(self.path / SETTINGS_FILE)
+        self.default_guidance: dict[str, float] = settings.get("guidance_scale", {})
+        self.ddim_eta: dict[str, float] = settings.get("ddim_eta", {})  # mode -> DDIM noise (absent: 0)
 
     def _class(self, component: str):
         library, class_name = self.index[component]
@@ -121,10 +134,15 @@ class ModelDir:
     def scheduler_config(self) -> dict:
         return dict(self.load("scheduler").config)
 
-    @property
-    def refiner_unet_dir(self) -> Path | None:
-        folder = self.path / "refiner" / "unet"
-        return folder if folder.is_dir() else None
+    def load_optional_unet(self, role: str, dtype: torch.dtype = torch.float32):
+        """`<role>/unet/` (role: "refiner" or "fast"), a UNet of the base UNet's kind for one job; None if absent."""
+        if role not in OPTIONAL_UNETS:
+            raise ValueError(f"role must be one of {', '.join(OPTIONAL_UNETS)}; got {role!r}")
+        folder = self.path / role / "unet"
+        if not folder.is_dir():
+            return None
+        model = self._class("unet").from_pretrained(folder, local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+        return with_coordinates(model).eval().requires_grad_(False)
 
     @property
     def upscaler_dir(self) -> Path | None:
@@ -181,6 +199,7 @@ DEFAULT_WEIGHT_FILES = (
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
     "scheduler/scheduler_config.json", "upscaler/model.safetensors", SETTINGS_FILE,
+    "fast/unet/config.json", "fast/unet/diffusion_pytorch_model.safetensors",
 )
 
 

@@ -159,7 +159,7 @@ class Flashtile:
         width, height = self.base_size(params)
         base = self.generator(
             embeds, seed=params.seed, width=width, height=height, steps=params.steps,
-            guidance_scale=params.guidance_scale, scheduler=params.scheduler, on_step=report,
+            guidance_scale=params.guidance_scale, scheduler=params.scheduler, mode=params.mode, on_step=report,
         )
         timings["base"] = time.perf_counter() - t0
         steps["base"] = base.steps

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from stages import tiling
 from stages.generate import make_scheduler, preferred_scheduler
-from stages.models import ModelDir, with_coordinates
+from stages.models import ModelDir
 from stages.types import PromptEmbeds, Tile
 
 # The detail pass re-noises each tile to this signal-to-noise ratio: enough to redraw edges, too little to
@@ -102,12 +102,8 @@ class Refiner:
 
     @classmethod
     def from_pretrained(cls, model: ModelDir, device="cpu", dtype=torch.float32, **kwargs) -> "Refiner":
-        if model.refiner_unet_dir is not None:
-            from diffusers import UNet2DConditionModel
-
-            unet = UNet2DConditionModel.from_pretrained(model.refiner_unet_dir, local_files_only=True, use_safetensors=True)
-            unet = with_coordinates(unet).to(dtype=dtype).eval().requires_grad_(False)
-        else:
+        unet = model.load_optional_unet("refiner", dtype)
+        if unet is None:
             unet = model.load("unet", dtype)
         vae = model.load("vae", dtype)
         return cls(unet.to(device), vae.to(device), model.scheduler_config(), model.model_id, model.family, **kwargs)

@@ -27,6 +27,7 @@ def test_default_model_is_an_ordinary_safetensors_model_dir(default_model_dir):
         "unet/diffusion_pytorch_model.safetensors",
         "vae/diffusion_pytorch_model.safetensors",
         "upscaler/model.safetensors",
+        "fast/unet/diffusion_pytorch_model.safetensors",
     }
     assert not [p for p in default_model_dir.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
 
@@ -107,7 +108,9 @@ def test_model_settings_set_each_modes_default_guidance(default_model_dir, tmp_p
     ('{"guidance_scale": {"fast": 31}}', r"guidance_scale\['fast'\] must be a number from 0 to 30"),
     ('{"guidance_scale": {"quality": NaN}}', r"guidance_scale\['quality'\] must be a number"),
     ('{"guidance_scale": {"fast": "2"}}', r"guidance_scale\['fast'\] must be a number"),
-    ('{"steps": 4}', "may set only guidance_scale"),
+    ('{"steps": 4}', "may set only guidance_scale and ddim_eta"),
+    ('{"ddim_eta": {"quality": 1.5}}', r"ddim_eta\['quality'\] must be a number from 0 to 1; got 1.5"),
+    ('{"ddim_eta": {"slow": 1}}', r"ddim_eta maps modes \(fast, quality\)"),
 ])
 def test_bad_model_settings_are_refused_with_the_field_named(default_model_dir, tmp_path, text, message):
     from stages.models import SETTINGS_FILE

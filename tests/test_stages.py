@@ -91,12 +91,14 @@ def test_fast_and_quality_start_from_the_same_noise(generator, embeds):
         return hook
 
     for tag, steps in (("fast", 4), ("quality", 30)):
-        handle = generator.unet.register_forward_pre_hook(first_latents(tag), with_kwargs=True)
+        # Fast mode runs the model's distilled fast UNet where it ships one.
+        unet = generator.fast_unet if tag == "fast" and generator.fast_unet is not None else generator.unet
+        handle = unet.register_forward_pre_hook(first_latents(tag), with_kwargs=True)
         try:
-            generator(embeds, seed=11, width=256, height=256, steps=steps, guidance_scale=5.0, scheduler="ddim")
+            generator(embeds, seed=11, width=256, height=256, steps=steps, guidance_scale=5.0, scheduler="ddim", mode=tag)
         finally:
             handle.remove()
-    # Both runs feed the UNet the same seeded noise at their first step.
+    # Both runs feed their UNet the same seeded noise at their first step.
     assert torch.equal(seen["fast"], seen["quality"])
     assert torch.equal(generator.initial_noise(11, 256, 256), generator.initial_noise(11, 256, 256))
 
@@ -304,3 +306,23 @@ def test_generate_batch_matches_single_runs(generator, encoder):
     assert not torch.allclose(batch[0].image, batch[1].image)
     with pytest.raises(ValueError, match="one seed per prompt"):
         generator.generate_batch([a, b], [1], **shared)
+
+
+def test_quality_modes_ddim_noise_comes_from_each_requests_seed(generator, encoder):
+    # A model whose flashtile.json gives quality mode eta 1: fresh noise each DDIM step, drawn from the seed.
+    stochastic = BaseGenerator(generator.unet, generator.vae, generator.scheduler_config, "m", ddim_eta={"quality": 1.0})
+    plain = BaseGenerator(generator.unet, generator.vae, generator.scheduler_config, "m")
+    a, b = encoder("a red ring"), encoder("a blue star")
+    shared = dict(width=256, height=256, steps=6, guidance_scale=3.0, scheduler="ddim")
+
+    once, again = (stochastic(a, seed=1, mode="quality", **shared).image for _ in range(2))
+    assert torch.equal(once, again)  # the same seed, the same noise at every step
+    assert not torch.allclose(once, plain(a, seed=1, mode="quality", **shared).image, atol=1e-3)  # eta is applied
+    # Each request's noise is its own: a batch gives what each request gives alone.
+    batch = stochastic.generate_batch([a, b], [1, 2], mode="quality", **shared)
+    assert torch.allclose(batch[0].image, once, atol=1e-4)
+    assert torch.allclose(batch[1].image, stochastic(b, seed=2, mode="quality", **shared).image, atol=1e-4)
+    # Modes without an eta, and other samplers, stay deterministic samplers.
+    assert torch.equal(stochastic(a, seed=1, mode="fast", **shared).image, plain(a, seed=1, mode="fast", **shared).image)
+    euler = {**shared, "scheduler": "euler"}
+    assert torch.equal(stochastic(a, seed=1, mode="quality", **euler).image, plain(a, seed=1, mode="quality", **euler).image)

@@ -48,17 +48,24 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     log = json.loads((weights / "train_log.json").read_text())
     # A UNet trained with --vae-from: the autoencoder and upscaler rows come from the run that trained them.
     reused = log.get("reused") or {}
-    curves = {k: v for k in ("vae", "unet", "upscaler") if (v := log["losses"].get(k) or reused.get("losses", {}).get(k))}
+    # A fast UNet distilled with --unet-from: the UNet's row and curve come from the run that trained it.
+    reused_unet = log.get("reused_unet") or {}
+    earlier = {**reused.get("losses", {}), **({"unet": reused_unet["losses"]} if reused_unet else {})}
+    curves = {k: v for k in ("vae", "unet", "upscaler", "fast") if (v := log["losses"].get(k) or earlier.get(k))}
     plot_losses(curves, weights / "loss_curves.png")
     ev = json.loads((weights / "eval.json").read_text()) if (weights / "eval.json").is_file() else None
     cfg, wall = {**log["config"], **reused.get("config", {})}, {**log["wall_s"], **reused.get("wall_s", {})}
     if reused:  # this run's latent encoding (its "vae" step) is replaced by the step that trained the autoencoder
         wall["total"] += wall["vae"] + wall["upscaler"] - log["wall_s"]["vae"]
+    if reused_unet:  # and its copy of the UNet by the UNet's training
+        wall["unet"] = reused_unet["wall_s"]
+        wall["total"] += wall["unet"] - log["wall_s"]["unet"]
     sums = checksums(weights)
     total_mb = sum(b for _, b in sums.values()) / 1e6
     params = {name: _params(weights, rel) for name, rel in (
         ("UNet", "unet/diffusion_pytorch_model.safetensors"), ("VAE", "vae/diffusion_pytorch_model.safetensors"),
-        ("upscaler", "upscaler/model.safetensors"))}
+        ("upscaler", "upscaler/model.safetensors"), ("fast", "fast/unet/diffusion_pytorch_model.safetensors"))
+        if (weights / rel).is_file()}
     steps_run = log.get("unet_steps_run", cfg["unet_steps"])
     floor = cfg.get("unet_loss_floor", 0.0)
     unet_loss = "plain MSE" if cfg.get("unet_loss") == "v" else "min-SNR-5 weights" + (f" floored at {floor}" if floor else "")
@@ -76,13 +83,14 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     shift = cfg.get("noise_shift", 1.0)
     # The shipped request defaults, as the flags that make training write them (a run from before those flags
     # existed, or tuned after training, has other values in its log).
-    guidance = read_settings(weights / SETTINGS_FILE).get("guidance_scale", {})
-    shipped = {f"guidance_{mode}": scale for mode, scale in guidance.items()}
+    settings = read_settings(weights / SETTINGS_FILE)
+    guidance, eta = settings.get("guidance_scale", {}), settings.get("ddim_eta", {}).get("quality", 0.0)
+    shipped = {f"guidance_{mode}": scale for mode, scale in guidance.items()} | ({"ddim_eta_quality": eta} if eta else {})
     tuned_after = {k: v for k, v in shipped.items() if cfg.get(k, defaults[k]) != v}
     cfg = {**cfg, **shipped}
     # The command that reruns the whole training; --vae-from and interim scores only shortened or watched it, and
     # the dtype is the CPU's (`auto`; the UNet row below names the one that ran).
-    skip = ("vae_from", "eval_every", "eval_n", "unet_dtype")
+    skip = ("vae_from", "unet_from", "eval_every", "eval_n", "unet_dtype")
     flags = " ".join(_flag(k, v) for k, v in cfg.items() if defaults.get(k) != v and k not in skip)
     lines = [
         "# flashtile-default-v1: the embedded default, trained on the toy world",
@@ -103,8 +111,14 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         + ", trailing spacing, `v_prediction` (the training schedule) | - |",
         f"| upscaler | Real-ESRGAN Compact (SRVGG) x4, 24 features, 4 convs; loaded by spandrel | {params['upscaler'] / 1e6:.3f}M |",
         "| refiner | the base UNet, reused for the low-strength img2img tile pass | - |",
+    ] + ([
+        f"| fast UNet | the UNet distilled for fast mode (`fast/unet/`): one DDIM step, without guidance, from each of the"
+        f" 4 fast-mode timesteps lands where {cfg['fast_distill_substeps']} guided steps of the UNet (guidance"
+        f" {cfg['fast_distill_guidance']:g}) land from the same latents | {params['fast'] / 1e6:.2f}M |",
+    ] if "fast" in params else []) + [
         "",
-        f"Shipped files: {total_mb:.1f} MB (UNet, VAE, scheduler, upscaler; the text encoder comes from its package).",
+        f"Shipped files: {total_mb:.1f} MB (UNet, {'fast UNet, ' if 'fast' in params else ''}VAE, scheduler, upscaler;"
+        " the text encoder comes from its package).",
         "",
         "## Data",
         "",
@@ -127,9 +141,11 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         + (f" The UNet was trained with `--vae-from {reused['from']}`: the autoencoder and upscaler (and their rows"
            f" below) are those of the earlier run of this command, under torch {reused['torch']}; the command retrains"
            " them first, with the same seeds." if reused else "")
-        + (" The guidance defaults (" + ", ".join(f"`{_flag(k, v)}`" for k, v in tuned_after.items())
-           + ") were chosen after this run, by a sweep on 100 tuning captions (held-aside 200-299, not the reported"
-           " 200), and written into its `flashtile.json`; the flags write the same file." if tuned_after else ""),
+        + (f" The fast UNet was distilled with `--unet-from {reused_unet['from']}`: the UNet (and its row below) is that"
+           f" run's, under torch {reused_unet['torch']}; the command trains it first, with the same seeds." if reused_unet else "")
+        + (" The sampling defaults (" + ", ".join(f"`{_flag(k, v)}`" for k, v in tuned_after.items())
+           + ") were chosen after this run, on tuning captions (held-aside from 200 on, not the reported 200; README),"
+           " and written into its `flashtile.json`; the flags write the same file." if tuned_after else ""),
         "",
         "| model | steps | batch | wall time |",
         "|---|---|---|---|",
@@ -139,6 +155,12 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         f"| autoencoder ({cfg['vae_crop']}px crops; L1 + MSE, pooled-colour pin, latent noise {cfg['latent_noise']}) | {cfg['vae_steps']} | {cfg['vae_batch']} | {wall['vae'] / 60:.1f} min (latents and the round-trip check included) |",
         f"| upscaler (VAE round trip of a 256 render -> the 1024 render; L1) | {cfg['upscaler_steps']} | {cfg['upscaler_batch']} | {wall['upscaler'] / 60:.1f} min |",
         f"| UNet (v-prediction, {unet_loss}{', pooled caption in the timestep embedding' if cfg.get('unet_text') == 'tokens+pooled' else ''}, AdamW lr {cfg['unet_lr']}, cosine, EMA {cfg['ema_decay']}{'' if cfg.get('unet_dtype', 'float32') == 'float32' else ', ' + cfg['unet_dtype'] + ' autocast'}) | {steps_run} | {cfg['unet_batch']} | {wall['unet'] / 60:.1f} min |",
+    ] + ([
+        f"| fast UNet (guided distillation: {cfg['fast_distill_trajectories']} teacher samples of {4 * cfg['fast_distill_substeps']}"
+        f" DDIM steps at guidance {cfg['fast_distill_guidance']:g} on training captions; v-MSE to the one-step targets,"
+        f" AdamW lr {cfg['fast_distill_lr']:g}, cosine, EMA {cfg['ema_decay']}) | {cfg['fast_distill_steps']} | {cfg['unet_batch']}"
+        f" | {wall['fast'] / 60:.1f} min (teacher samples included) |",
+    ] if "fast" in curves else []) + [
         f"| **total** | | | **{wall['total'] / 60:.1f} min** |",
         "",
         "With the data build the shipped run took about "
@@ -186,8 +208,10 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     from stages.pipeline import DEFAULT_STEPS, guidance_for
 
     lines += [
-        f"Quality = {DEFAULT_STEPS['quality']} DDIM steps at guidance {guidance_for('quality', guidance):g}, fast ="
-        f" {DEFAULT_STEPS['fast']} at guidance {guidance_for('fast', guidance):g} (the model's request defaults, from its"
+        f"Quality = {DEFAULT_STEPS['quality']} DDIM steps at guidance {guidance_for('quality', guidance):g}"
+        + (f" (eta {eta:g}: fresh noise each step, drawn from the seed)" if eta else "") + ", fast ="
+        f" {DEFAULT_STEPS['fast']} at guidance {guidance_for('fast', guidance):g}{' by the fast UNet' if 'fast' in params else ''}"
+        f" (the model's request defaults, from its"
         f" `{SETTINGS_FILE}`), on the base image (`preview` tier, 256x256) through",
         "`stages.pipeline.Flashtile`; latency is the wall time of one pipeline call on 2 shared CPU cores.",
         "",

@@ -33,6 +33,7 @@ class Config:
     cfg_dropout: float = 0.1  # share of captions replaced by the empty prompt (the pipeline's negative)
     guidance_fast: float = 5.0  # request defaults written to the model's flashtile.json (0 to 30; 5 = the pipeline's own);
     guidance_quality: float = 5.0  # the shipped values come from a sweep on tuning captions, not the reported ones (README)
+    ddim_eta_quality: float = 0.0  # quality mode's DDIM noise per step, written to flashtile.json (0 deterministic to 1, DDPM-like), drawn from the request's seed
     upscaler_steps: int = 600
     upscaler_batch: int = 16
     upscaler_scenes: int = 96
@@ -40,6 +41,12 @@ class Config:
     threads: int = 2
     unet_budget_min: float = 0.0  # > 0: stop the UNet early after this many minutes (the log records the steps run)
     vae_from: str = ""  # a folder of an earlier run: reuse its vae/ and upscaler/, train only the UNet (recipe experiments)
+    unet_from: str = ""  # with vae_from: reuse that run's unet/ too (its log records how it was trained); only the fast UNet trains
+    fast_distill_steps: int = 0  # > 0: distil a fast-mode UNet (fast/unet/) from the trained one in this many steps (0 to 20000); 0: fast mode runs the base UNet
+    fast_distill_trajectories: int = 2560  # teacher samples (caption + noise) the fast UNet learns from (64 to 20000)
+    fast_distill_substeps: int = 5  # teacher DDIM steps per fast-mode step (2 to 10): the teacher samples in 4 x this many
+    fast_distill_guidance: float = 3.0  # the teacher's guidance (0 to 30), built into the fast UNet: the quality mode's
+    fast_distill_lr: float = 1e-4  # AdamW learning rate of the fast UNet (cosine to 0), which starts as the trained UNet
     eval_every: int = 0  # > 0 (a multiple of 250, the checkpoint interval): every this many UNet steps, adherence of the EMA weights on eval_n captions, fast mode
     eval_n: int = 32
 
@@ -69,6 +76,20 @@ class Config:
             raise ValueError(f"noise_shift must be between 1 (the plain cosine schedule) and 8; got {self.noise_shift}")
         if not 0 <= self.unet_high_noise_from <= 999:
             raise ValueError(f"unet_high_noise_from must be a timestep between 0 and 999; got {self.unet_high_noise_from}")
+        for name, lo, hi in (("fast_distill_steps", 0, 20000), ("fast_distill_trajectories", 64, 20000),
+                             ("fast_distill_substeps", 2, 10)):
+            if not lo <= getattr(self, name) <= hi:
+                raise ValueError(f"{name} must be between {lo} and {hi}; got {getattr(self, name)}")
+        if not 0.0 <= self.fast_distill_guidance <= MAX_GUIDANCE:
+            raise ValueError(f"fast_distill_guidance must be between 0 and {MAX_GUIDANCE:g} (a classifier-free guidance "
+                             f"scale); got {self.fast_distill_guidance}")
+        if not 0.0 < self.fast_distill_lr <= 0.01:
+            raise ValueError(f"fast_distill_lr must be above 0 and at most 0.01; got {self.fast_distill_lr}")
+        if not 0.0 <= self.ddim_eta_quality <= 1.0:
+            raise ValueError(f"ddim_eta_quality must be between 0 (deterministic DDIM) and 1; got {self.ddim_eta_quality}")
+        if self.unet_from and not self.vae_from:
+            raise ValueError("unet_from needs vae_from (the UNet was trained on that autoencoder's latents); "
+                             f"got unet_from {self.unet_from!r} and no vae_from")
         if self.eval_every < 0 or self.eval_every % 250:
             raise ValueError(f"eval_every must be 0 (off) or a multiple of 250, the checkpoint interval; got {self.eval_every}")
 

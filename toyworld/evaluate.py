@@ -19,6 +19,7 @@ from stages import _torchvision_compat  # noqa: F401  (first: see that module)
 import itertools
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -280,9 +281,11 @@ def generate(flashtile, caption: str, seed: int, mode: str) -> tuple[np.ndarray,
     """The base image (`preview` tier, 1:1) in `mode`'s steps and guidance, through the normal pipeline; wall seconds."""
     from stages.pipeline import DEFAULT_STEPS
 
-    # (`preview` is a fast-mode tier, so quality mode is asked for by its step count and guidance.)
+    # `preview` is a fast-mode tier for requests; the eval asks for the base image of either mode directly (the
+    # mode picks the model's distilled fast UNet, where it has one).
     params = flashtile.params(caption, seed=seed, size="preview", mode="fast", steps=DEFAULT_STEPS[mode],
                               guidance_scale=mode_guidance(flashtile, mode))
+    params = replace(params, mode=mode)
     flashtile.encoder._cache.clear()  # every image pays for its prompt encoding
     t0 = time.perf_counter()
     result = flashtile(params)
@@ -317,6 +320,8 @@ def run(flashtile, n: int = 200, modes=("quality", "fast"), log=print, ceiling: 
                          for k in BACKGROUND_KINDS if k in kinds}
         out["modes"][mode] = {**summarise(rows), "latency_s": float(np.mean(latency)), "rows": rows,
                               "guidance": mode_guidance(flashtile, mode),
+                              "fast_unet": mode == "fast" and flashtile.generator.fast_unet is not None,
+                              "ddim_eta": flashtile.generator.ddim_eta.get(mode, 0.0),
                               "by_background": by_background,
                               "background_swapped": float(np.mean(swapped)) if swapped else float("nan")}
     if ceiling:
@@ -334,7 +339,9 @@ def table(result: dict, validation: dict | None = None) -> str:
     from stages.pipeline import DEFAULT_STEPS
 
     modes = list(result["modes"])
-    guidance = {m: f", guidance {result['modes'][m]['guidance']:g}" if "guidance" in result["modes"][m] else "" for m in modes}
+    guidance = {m: (f", guidance {result['modes'][m]['guidance']:g}" if "guidance" in result["modes"][m] else "")
+                + (f", eta {result['modes'][m]['ddim_eta']:g}" if result["modes"][m].get("ddim_eta") else "")
+                + (", fast UNet" if result["modes"][m].get("fast_unet") else "") for m in modes}
     head = "| attribute | " + " | ".join(f"{m} ({DEFAULT_STEPS[m]} steps{guidance[m]})" for m in modes) + " |"
     lines = [head, "|---|" + "---|" * len(modes)]
     for a in (*ATTRIBUTES, "overall", "all_correct"):

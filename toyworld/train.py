@@ -247,6 +247,15 @@ def object_weights(cfg: Config, n: int) -> torch.Tensor | None:
     return 1.0 + cfg.unet_object_weight * touched
 
 
+def ema_update(ema, model, step: int, decay: float) -> None:
+    """One EMA step of `model`'s weights into `ema`, with a warm-up (a short run cannot wait for a 0.999 average to
+    forget its start)."""
+    decay = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
 def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: torch.Tensor, log, checkpoint=None,
                pixel_weights: torch.Tensor | None = None):
     """v-prediction (min-SNR weighted or plain MSE), CFG dropout to the empty prompt; returns the EMA of the weights.
@@ -302,11 +311,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        # EMA with a warm-up (a short run cannot wait for a 0.999 average to forget its random start).
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.lerp_(p, 1 - decay)
+        ema_update(ema, unet, step, cfg.ema_decay)
         losses.append(loss.item())
         if step % 25 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step}/{cfg.unet_steps} loss {np.mean(losses[-25:]):.4f}")
@@ -366,6 +371,41 @@ def _reuse_autoencoder(src: Path, out: Path, log):
             shutil.copytree(src / part, out / part, dirs_exist_ok=True)
     log(f"autoencoder and upscaler reused from {src}")
     return AutoencoderTiny.from_pretrained(out / "vae").eval().requires_grad_(False)
+
+
+def unet_recipe(cfg: Config) -> Config:
+    """--unet-from: `cfg` with the settings the earlier run trained its UNet (and schedule) with, so the schedule
+    written here, the teacher's sampler and the model card's command are that UNet's. Other configs pass unchanged."""
+    if not cfg.unet_from:
+        return cfg
+    src = Path(cfg.unet_from)
+    if not (src / "unet").is_dir() or not (src / "train_log.json").is_file():
+        raise ValueError(f"unet_from must be a training output folder with unet/ and train_log.json; got {src}")
+    earlier = json.loads((src / "train_log.json").read_text())["config"]
+    own = ("vae_from", "unet_from", "threads", "eval_every", "eval_n", "guidance_fast", "guidance_quality", "unet_dtype")
+    fields = asdict(cfg)
+    return replace(cfg, **{k: v for k, v in earlier.items() if k in fields and not k.startswith("fast_") and k not in own})
+
+
+def _reuse_unet(src: Path, out: Path, record: dict, log):
+    """--unet-from: the UNet of an earlier run, copied into `out`, with what that run recorded about training it
+    (steps, loss curve, wall time) in this run's record; returns the UNet."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from stages.models import with_coordinates
+
+    if (src / "unet").resolve() != (out / "unet").resolve():
+        shutil.copytree(src / "unet", out / "unet", dirs_exist_ok=True)
+    earlier = json.loads((src / "train_log.json").read_text())
+    for key in ("unet_steps_run", "interim_adherence"):
+        if key in earlier:
+            record[key] = earlier[key]
+    record["reused_unet"] = {"from": str(src), "torch": earlier["torch"], "wall_s": earlier["wall_s"]["unet"],
+                             "losses": earlier["losses"]["unet"]}
+    log(f"UNet reused from {src}")
+    return with_coordinates(UNet2DConditionModel.from_pretrained(out / "unet")).eval().requires_grad_(False)
 
 
 def _cached_latents(vae, folder: Path, images: np.ndarray, log) -> torch.Tensor:
@@ -463,7 +503,7 @@ def train(out: Path, cfg: Config) -> dict:
     from diffusers import DDIMScheduler
 
     torch.set_num_threads(cfg.threads)
-    cfg = resolve_dtype(cfg)
+    cfg = resolve_dtype(unet_recipe(cfg))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -506,6 +546,8 @@ def train(out: Path, cfg: Config) -> dict:
     t = time.perf_counter()
     DDIMScheduler(**scheduler_config(cfg.noise_shift)).save_pretrained(out / "scheduler")
     settings = {"guidance_scale": {"fast": cfg.guidance_fast, "quality": cfg.guidance_quality}}
+    if cfg.ddim_eta_quality > 0:
+        settings["ddim_eta"] = {"quality": cfg.ddim_eta_quality}
     (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")  # the sampling defaults requests get
     d["images"] = None  # the UNet trains on latents only
     record["interim_adherence"] = []
@@ -517,14 +559,26 @@ def train(out: Path, cfg: Config) -> dict:
             record["interim_adherence"].append({"step": step, **score})
             log(f"unet step {step}: fast-mode adherence on {cfg.eval_n} held-aside captions {score}")
 
-    pixel_weights = object_weights(cfg, len(latents))
-    unet, unet_losses = train_unet(cfg, latents, d["embeds"], d["empty"], log, checkpoint, pixel_weights)
-    record["unet_steps_run"] = len(unet_losses)
-    unet.save_pretrained(out / "unet", safe_serialization=True)
+    if cfg.unet_from:
+        unet, unet_losses = _reuse_unet(Path(cfg.unet_from), out, record, log), []  # nothing trained
+    else:
+        pixel_weights = object_weights(cfg, len(latents))
+        unet, unet_losses = train_unet(cfg, latents, d["embeds"], d["empty"], log, checkpoint, pixel_weights)
+        record["unet_steps_run"] = len(unet_losses)
+        unet.save_pretrained(out / "unet", safe_serialization=True)
     record["wall_s"]["unet"] = round(time.perf_counter() - t, 1)
 
+    fast_losses = []
+    if cfg.fast_distill_steps > 0:
+        from toyworld.distill import distill_fast_unet
+
+        t = time.perf_counter()
+        fast, fast_losses = distill_fast_unet(cfg, unet, d["embeds"], d["empty"], log)
+        fast.save_pretrained(out / "fast" / "unet", safe_serialization=True)
+        record["wall_s"]["fast"] = round(time.perf_counter() - t, 1)
+
     record["wall_s"]["total"] = round(time.perf_counter() - started, 1)
-    curves = {k: v for k, v in {"vae": vae_losses, "unet": unet_losses, "upscaler": up_losses}.items() if v}
+    curves = {k: v for k, v in {"vae": vae_losses, "unet": unet_losses, "upscaler": up_losses, "fast": fast_losses}.items() if v}
     record["final_loss"] = {k: float(np.mean(v[-50:])) for k, v in curves.items()}
     record["losses"] = curves
     (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")

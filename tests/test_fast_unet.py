@@ -1,0 +1,163 @@
+"""The distilled fast UNet: how `flashtile train` distils it (toyworld/distill.py) and how fast mode runs it."""
+
+import re
+import shutil
+
+import pytest
+import torch
+
+from tiny_models import save_tiny_sd
+
+from stages.generate import BaseGenerator, make_scheduler
+from stages.models import ModelDir
+from toyworld.config import Config
+from toyworld.distill import _ddim_step, distill_fast_unet, fast_timesteps, student_targets
+from toyworld.train import make_unet, scheduler_config
+
+
+def _abar(shift: float = 4.0) -> torch.Tensor:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**scheduler_config(shift)).alphas_cumprod.double()  # [1000]
+
+
+def test_fast_timesteps_are_the_pipelines_and_the_teachers_schedule_passes_through_each():
+    from diffusers import DDIMScheduler
+
+    sched = make_scheduler("ddim", dict(DDIMScheduler(**scheduler_config(4.0)).config))
+    sched.set_timesteps(4)
+    assert fast_timesteps(4) == sched.timesteps.tolist() == [999, 749, 499, 249]
+    for sub in range(2, 11):  # every allowed --fast-distill-substeps
+        assert fast_timesteps(4 * sub)[::sub] == fast_timesteps(4)
+
+
+def test_one_student_step_on_its_target_lands_on_the_teachers_next_latents():
+    from diffusers import DDIMScheduler
+
+    abar = _abar()
+    torch.manual_seed(0)
+    states = torch.randn(3, 5, 8, 4, 4)  # [N, K + 1, C, h, w]: latents at 999, 749, 499, 249 and the end
+    targets = student_targets(abar, states)  # [N, K, C, h, w]
+    assert targets.shape == (3, 4, 8, 4, 4)
+    # The pipeline's own sampler (4 DDIM steps, trailing) fed the targets retraces the teacher's latents.
+    sched = make_scheduler("ddim", dict(DDIMScheduler(**scheduler_config(4.0)).config))
+    sched.set_timesteps(4)
+    for i, t in enumerate(sched.timesteps):
+        landed = sched.step(targets[:, i], t, states[:, i]).prev_sample
+        torch.testing.assert_close(landed, states[:, i + 1], rtol=1e-4, atol=1e-4)
+        ours = _ddim_step(abar, states[:, i].double(), targets[:, i].double(), int(t), int(t) - 250)
+        torch.testing.assert_close(ours.float(), states[:, i + 1], rtol=1e-4, atol=1e-4)
+    # A wrong target lands elsewhere.
+    assert not torch.allclose(sched.step(targets[:, 0] + 0.1, sched.timesteps[0], states[:, 0]).prev_sample, states[:, 1])
+
+
+def test_distillation_trains_a_copy_of_the_unet_and_leaves_the_teacher_as_it_was():
+    torch.manual_seed(0)
+    teacher = make_unet(channels=(32, 32, 32), coordinates=True).eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cfg = Config(fast_distill_steps=3, fast_distill_trajectories=64, fast_distill_substeps=2, unet_batch=4,
+                 noise_shift=4.0, unet_dtype="float32")
+    embeds, empty = torch.randn(10, 77, 384), torch.zeros(1, 77, 384)
+    logged = []
+    student, losses = distill_fast_unet(cfg, teacher, embeds, empty, logged.append)
+
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # the teacher is untouched
+    changed = [k for k, v in student.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and not any(p.requires_grad for p in student.parameters())
+    assert any("teacher trajectories 64/64" in m for m in logged) and any("fast step 2/3" in m for m in logged)
+    # The student reads coordinates like the teacher (the hook came along with the copy).
+    assert getattr(student, "_flashtile_coordinates", False)
+
+
+@pytest.mark.parametrize("field, bad, message", [
+    ("fast_distill_steps", -1, "fast_distill_steps must be between 0 and 20000; got -1"),
+    ("fast_distill_trajectories", 10, "fast_distill_trajectories must be between 64 and 20000; got 10"),
+    ("fast_distill_substeps", 1, "fast_distill_substeps must be between 2 and 10; got 1"),
+    ("fast_distill_guidance", 31.0, "fast_distill_guidance must be between 0 and 30"),
+    ("fast_distill_lr", 0.0, "fast_distill_lr must be above 0 and at most 0.01; got 0.0"),
+    ("unet_from", "weights/x", "unet_from needs vae_from"),
+])
+def test_training_config_bounds_the_fast_unets_settings(field, bad, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Config(**{field: bad})
+
+
+@pytest.fixture(scope="module")
+def tiny_with_fast(tmp_path_factory) -> ModelDir:
+    """A tiny SD directory whose fast/unet/ is a UNet of the same layout with other (random) weights."""
+    path = save_tiny_sd(tmp_path_factory.mktemp("tiny-fast"))
+    unet = ModelDir(path).load("unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_pretrained(path / "fast" / "unet", safe_serialization=True)
+    return ModelDir(path)
+
+
+def test_fast_mode_runs_the_models_fast_unet_and_quality_mode_its_base_unet(tiny_with_fast):
+    torch.set_num_threads(1)
+    with_fast = BaseGenerator.from_pretrained(tiny_with_fast)
+    assert with_fast.fast_unet is not None and with_fast.fast_unet is not with_fast.unet
+    plain = BaseGenerator(with_fast.unet, with_fast.vae, with_fast.scheduler_config, "tiny")  # no fast UNet
+    from stages.types import PromptEmbeds
+
+    torch.manual_seed(0)
+    embeds = PromptEmbeds("tiny", prompt_embeds=torch.randn(1, 77, 32), negative_embeds=torch.zeros(1, 77, 32))
+    shared = dict(seed=5, width=64, height=64, steps=2, guidance_scale=1.0, scheduler="ddim")
+    images = {(name, mode): g(embeds, mode=mode, **shared).image
+              for name, g in (("fast", with_fast), ("plain", plain)) for mode in ("fast", "quality")}
+    assert torch.equal(images["fast", "quality"], images["plain", "quality"])  # quality: the base UNet
+    assert torch.equal(images["plain", "fast"], images["plain", "quality"])  # no fast UNet: fast runs the base one
+    assert not torch.allclose(images["fast", "fast"], images["plain", "fast"], atol=1e-3)  # fast: its own UNet
+
+    with pytest.raises(ValueError, match=re.escape("mode must be one of fast, quality; got 'turbo'")):
+        with_fast(embeds, mode="turbo", **shared)
+
+
+def test_an_optional_unet_role_must_be_known(tiny_with_fast, tmp_path):
+    assert tiny_with_fast.load_optional_unet("refiner") is None  # absent: the caller falls back to the base UNet
+    with pytest.raises(ValueError, match=re.escape("role must be one of refiner, fast; got 'upscaler'")):
+        tiny_with_fast.load_optional_unet("upscaler")
+    # A pickle in fast/ refuses the whole directory, like anywhere else in it.
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_with_fast.path, copy)
+    (copy / "fast" / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="pickle"):
+        ModelDir(copy)
+
+
+def test_model_card_of_a_fast_unet_distilled_from_an_earlier_runs_unet(tmp_path):
+    import json
+
+    from stages.models import DEFAULT_WEIGHTS
+    from toyworld import card
+    from toyworld.train import reused_record
+
+    # A distillation-only run (--vae-from and --unet-from the shipped weights): it trained the fast UNet alone.
+    run = tmp_path / "run"
+    shutil.copytree(DEFAULT_WEIGHTS, run)
+    earlier = json.loads((run / "train_log.json").read_text())
+    shutil.copytree(run / "unet", run / "fast" / "unet", dirs_exist_ok=True)
+    cfg = {**earlier["config"], "vae_from": "a", "unet_from": "b", "fast_distill_steps": 40, "fast_distill_substeps": 5,
+           "fast_distill_trajectories": 256, "fast_distill_guidance": 3.0, "fast_distill_lr": 1e-4}
+    log = {"config": cfg, "torch": "2.13.0+cpu", "reused": reused_record(DEFAULT_WEIGHTS),
+           "reused_unet": {"from": "b", "torch": earlier["torch"], "wall_s": 3000.0, "losses": [0.02, 0.01] * 50},
+           "wall_s": {"data": 10.0, "vae": 100.0, "unet": 1.0, "fast": 600.0, "total": 711.0},
+           "losses": {"fast": [0.1, 0.05] * 20}}
+    (run / "train_log.json").write_text(json.dumps(log))
+
+    text = card.write(run).read_text()
+    command = text.split("```bash\n")[1].split("\n")[0]
+    assert "--unet-from" not in command and "--vae-from" not in command  # the command reruns everything
+    assert "--fast-distill-steps 40" in command and "--fast-distill-trajectories 256" in command
+    assert "distilled with `--unet-from b`" in text
+    rows = {line.split(" (")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["UNet"].endswith(f"| {3000.0 / 60:.1f} min |")  # the run that trained it
+    assert rows["fast UNet"].endswith("| 40 | 32 | 10.0 min (teacher samples included) |")
+    assert "fast UNet | the UNet distilled for fast mode" in text
+    wall = log["reused"]["wall_s"]
+    total = (711.0 - 100.0 + wall["vae"] + wall["upscaler"] - 1.0 + 3000.0) / 60
+    assert f"**{total:.1f} min**" in text
+    assert re.search(r"Final losses \(mean of the last 50 steps\): vae [\d.]+, unet 0\.0150, upscaler [\d.]+, fast 0\.0750\.", text)
+    assert "`fast/unet/diffusion_pytorch_model.safetensors`" in text  # its checksum row
