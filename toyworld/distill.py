@@ -90,7 +90,7 @@ def distill_fast_unet(cfg: Config, unet, embeds: torch.Tensor, empty: torch.Tens
     """The student (EMA weights) and its losses, from the trained `unet` (the teacher, left unchanged)."""
     from diffusers import DDIMScheduler
 
-    from toyworld.train import ema_update, scheduler_config
+    from toyworld.train import ema_step, scheduler_config
 
     abar = DDIMScheduler(**scheduler_config(cfg.noise_shift)).alphas_cumprod.double()  # [1000]
     teacher = unet.eval().requires_grad_(False)
@@ -116,12 +116,7 @@ def distill_fast_unet(cfg: Config, unet, embeds: torch.Tensor, empty: torch.Tens
         with torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32"):
             pred = student(states[n, i], timesteps[i], encoder_hidden_states=embeds[idx[n]]).sample.float()
         loss = ((pred - targets[n, i]) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, student, step, cfg.ema_decay)
-        losses.append(loss.item())
+        losses.append(ema_step(opt, student, ema, loss, step, cfg.ema_decay))
         if step % 25 == 0 or step == steps - 1:
             log(f"fast step {step}/{steps} loss {np.mean(losses[-25:]):.4f}")
     return ema.eval().requires_grad_(False), losses

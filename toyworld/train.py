@@ -247,13 +247,18 @@ def object_weights(cfg: Config, n: int) -> torch.Tensor | None:
     return 1.0 + cfg.unet_object_weight * touched
 
 
-def ema_update(ema, model, step: int, decay: float) -> None:
-    """One EMA step of `model`'s weights into `ema`, with a warm-up (a short run cannot wait for a 0.999 average to
-    forget its start)."""
+def ema_step(opt, model, ema, loss: torch.Tensor, step: int, decay: float) -> float:
+    """One optimiser step on `loss` (gradients clipped at norm 1), then one EMA step of `model`'s weights into `ema`,
+    with a warm-up (a short run cannot wait for a 0.999 average to forget its start); returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
     decay = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p, 1 - decay)
+    return loss.item()
 
 
 def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: torch.Tensor, log, checkpoint=None,
@@ -307,12 +312,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         with torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32"):
             pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B, C, 32, 32]; weights stay float32
         loss = unet_loss(cfg, pred, target, snr[t], None if pixel_weights is None else pixel_weights[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, unet, step, cfg.ema_decay)
-        losses.append(loss.item())
+        losses.append(ema_step(opt, unet, ema, loss, step, cfg.ema_decay))
         if step % 25 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step}/{cfg.unet_steps} loss {np.mean(losses[-25:]):.4f}")
         if checkpoint is not None and step % 250 == 249:
