@@ -161,3 +161,23 @@ def test_model_card_of_a_fast_unet_distilled_from_an_earlier_runs_unet(tmp_path)
     assert f"**{total:.1f} min**" in text
     assert re.search(r"Final losses \(mean of the last 50 steps\): vae [\d.]+, unet 0\.0150, upscaler [\d.]+, fast 0\.0750\.", text)
     assert "`fast/unet/diffusion_pytorch_model.safetensors`" in text  # its checksum row
+
+
+def test_unet_from_takes_the_earlier_runs_unet_recipe_and_keeps_this_runs_own_settings(tmp_path):
+    import json
+
+    from toyworld.train import unet_recipe
+
+    earlier = tmp_path / "earlier"
+    (earlier / "unet").mkdir(parents=True)
+    (earlier / "train_log.json").write_text(json.dumps({"config": {
+        "noise_shift": 4.0, "unet_steps": 9000, "unet_input": "latents+coords", "guidance_fast": 1.5,
+        "fast_distill_steps": 0, "vae_from": "older"}}))
+    cfg = unet_recipe(Config(vae_from="v", unet_from=str(earlier), fast_distill_steps=10, guidance_fast=1.0))
+    # The UNet's recipe (what its schedule and a rerun from scratch need) comes from the run that trained it ...
+    assert (cfg.noise_shift, cfg.unet_steps, cfg.unet_input) == (4.0, 9000, "latents+coords")
+    # ... this run's own choices stay.
+    assert (cfg.fast_distill_steps, cfg.guidance_fast, cfg.vae_from, cfg.unet_from) == (10, 1.0, "v", str(earlier))
+    assert unet_recipe(Config()) == Config()  # no --unet-from: unchanged
+    with pytest.raises(ValueError, match="unet_from must be a training output folder with unet/ and train_log.json"):
+        unet_recipe(Config(vae_from="v", unet_from=str(tmp_path / "missing")))

@@ -402,8 +402,9 @@ def _reuse_unet(src: Path, out: Path, record: dict, log):
     for key in ("unet_steps_run", "interim_adherence"):
         if key in earlier:
             record[key] = earlier[key]
-    record["reused_unet"] = {"from": str(src), "torch": earlier["torch"], "wall_s": earlier["wall_s"]["unet"],
-                             "losses": earlier["losses"]["unet"]}
+    # A chain of reuses keeps the run that really trained the UNet.
+    record["reused_unet"] = earlier.get("reused_unet") or {
+        "from": str(src), "torch": earlier["torch"], "wall_s": earlier["wall_s"]["unet"], "losses": earlier["losses"]["unet"]}
     log(f"UNet reused from {src}")
     return with_coordinates(UNet2DConditionModel.from_pretrained(out / "unet")).eval().requires_grad_(False)
 
