@@ -28,11 +28,15 @@ def fast_timesteps(steps: int = FAST_STEPS, train_steps: int = 1000) -> list[int
     return (np.round(np.arange(train_steps, 0, -train_steps / steps)).astype(np.int64) - 1).tolist()
 
 
+def _scales(abar: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signal, noise) scales of timestep t: sqrt(abar), sqrt(1 - abar); t < 0 is the clean image (1, 0)."""
+    a = abar[t].sqrt() if t >= 0 else torch.ones((), dtype=abar.dtype)
+    return a, (1 - a**2).sqrt()
+
+
 def _ddim_step(abar: torch.Tensor, x: torch.Tensor, v: torch.Tensor, t: int, s: int) -> torch.Tensor:
     """Deterministic DDIM from timestep t to s (s < 0: to the clean image) for a v-prediction."""
-    a_t, s_t = abar[t].sqrt(), (1 - abar[t]).sqrt()
-    a_s = abar[s].sqrt() if s >= 0 else torch.ones((), dtype=abar.dtype)
-    s_s = (1 - a_s**2).sqrt()
+    (a_t, s_t), (a_s, s_s) = _scales(abar, t), _scales(abar, s)
     x0, eps = a_t * x - s_t * v, s_t * x + a_t * v
     return a_s * x0 + s_s * eps
 
@@ -77,9 +81,7 @@ def student_targets(abar: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     out = torch.empty(states.shape[0], len(ts), *states.shape[2:])
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else -1
-        a_t, s_t = abar[t].sqrt(), (1 - abar[t]).sqrt()
-        a_s = abar[s].sqrt() if s >= 0 else torch.ones((), dtype=abar.dtype)
-        s_s = (1 - a_s**2).sqrt()
+        (a_t, s_t), (a_s, s_s) = _scales(abar, t), _scales(abar, s)
         x_t, x_s = states[:, i].double(), states[:, i + 1].double()
         x0 = (x_s - (s_s / s_t) * x_t) / (a_s - s_s * a_t / s_t)
         out[:, i] = ((a_t * x_t - x0) / s_t).float()
