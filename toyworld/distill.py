@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from toyworld.config import Config
+from toyworld.train import ema_step, scheduler_config, unet_autocast
 
 FAST_STEPS = 4  # the fast mode's default step count (stages.pipeline.DEFAULT_STEPS["fast"])
 
@@ -45,7 +46,9 @@ def teacher_trajectories(cfg: Config, unet, abar: torch.Tensor, embeds: torch.Te
     """[N, K + 1, C, h, w] latents at the K fast-mode timesteps and at the end, and [N] caption indices.
 
     The teacher runs DDIM over the trailing schedule of K x substeps steps, which passes through every fast-mode
-    timestep, in float64 between its (float32) UNet passes, under the quality mode's guidance.
+    timestep, in float64 between its UNet passes, under the quality mode's guidance. The UNet passes run in the
+    training's autocast dtype: bfloat16 on a CPU with native bf16 halves the sampling time (measured 10.0 s
+    against 21.6 s for 64 samples), and moves the final latents by 0.8% of their RMS.
     """
     k, sub = FAST_STEPS, cfg.fast_distill_substeps
     ts = fast_timesteps(k * sub) + [-1]
@@ -61,7 +64,7 @@ def teacher_trajectories(cfg: Config, unet, abar: torch.Tensor, embeds: torch.Te
         context = torch.cat([empty.expand(len(ids), -1, -1), embeds[ids]])  # [2B, T, D]: unconditional, caption
         x = torch.randn((len(ids), c, side, side), generator=g).double()  # [B, C, h, w]
         states[b : b + len(ids), 0] = x.float()
-        with torch.inference_mode():
+        with torch.inference_mode(), unet_autocast(cfg):
             for j, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
                 uncond, cond = unet(torch.cat([x, x]).float(), t, encoder_hidden_states=context).sample.double().chunk(2)
                 x = _ddim_step(abar, x, uncond + cfg.fast_distill_guidance * (cond - uncond), t, s)
@@ -92,8 +95,6 @@ def distill_fast_unet(cfg: Config, unet, embeds: torch.Tensor, empty: torch.Tens
     """The student (EMA weights) and its losses, from the trained `unet` (the teacher, left unchanged)."""
     from diffusers import DDIMScheduler
 
-    from toyworld.train import ema_step, scheduler_config
-
     abar = DDIMScheduler(**scheduler_config(cfg.noise_shift)).alphas_cumprod.double()  # [1000]
     teacher = unet.eval().requires_grad_(False)
 
@@ -115,7 +116,7 @@ def distill_fast_unet(cfg: Config, unet, embeds: torch.Tensor, empty: torch.Tens
             group["lr"] = cfg.fast_distill_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         n = torch.randint(0, len(states), (cfg.unet_batch,), generator=g)
         i = torch.randint(0, len(timesteps), (cfg.unet_batch,), generator=g)
-        with torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32"):
+        with unet_autocast(cfg):
             pred = student(states[n, i], timesteps[i], encoder_hidden_states=embeds[idx[n]]).sample.float()
         loss = ((pred - targets[n, i]) ** 2).mean()
         losses.append(ema_step(opt, student, ema, loss, step, cfg.ema_decay))

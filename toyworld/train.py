@@ -247,6 +247,11 @@ def object_weights(cfg: Config, n: int) -> torch.Tensor | None:
     return 1.0 + cfg.unet_object_weight * touched
 
 
+def unet_autocast(cfg: Config):
+    """The UNet's forward in the training's dtype (cfg.unet_dtype, resolved: "bfloat16" or "float32")."""
+    return torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32")
+
+
 def ema_step(opt, model, ema, loss: torch.Tensor, step: int, decay: float) -> float:
     """One optimiser step on `loss` (gradients clipped at norm 1), then one EMA step of `model`'s weights into `ema`,
     with a warm-up (a short run cannot wait for a 0.999 average to forget its start); returns the loss."""
@@ -309,7 +314,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
             t = torch.where(high, torch.randint(cfg.unet_high_noise_from, 1000, (cfg.unet_batch,), generator=g), t)
         xt = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
-        with torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32"):
+        with unet_autocast(cfg):
             pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B, C, 32, 32]; weights stay float32
         loss = unet_loss(cfg, pred, target, snr[t], None if pixel_weights is None else pixel_weights[idx])
         losses.append(ema_step(opt, unet, ema, loss, step, cfg.ema_decay))
