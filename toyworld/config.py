@@ -68,7 +68,7 @@ class Config:
             raise ValueError(f"unet_object_weight must be between 0 (every latent pixel alike) and 20; got {self.unet_object_weight}")
         if not 0.0 <= self.unet_object_min_snr <= 100.0:
             raise ValueError(f"unet_object_min_snr must be between 0 and 100 (a signal-to-noise ratio); got {self.unet_object_min_snr}")
-        for name in ("guidance_fast", "guidance_quality"):
+        for name in ("guidance_fast", "guidance_quality", "fast_distill_guidance"):
             if not 0.0 <= getattr(self, name) <= MAX_GUIDANCE:
                 raise ValueError(f"{name} must be between 0 and {MAX_GUIDANCE:g} (a classifier-free guidance scale); "
                                  f"got {getattr(self, name)}")
@@ -80,9 +80,6 @@ class Config:
                              ("fast_distill_substeps", 2, 10)):
             if not lo <= getattr(self, name) <= hi:
                 raise ValueError(f"{name} must be between {lo} and {hi}; got {getattr(self, name)}")
-        if not 0.0 <= self.fast_distill_guidance <= MAX_GUIDANCE:
-            raise ValueError(f"fast_distill_guidance must be between 0 and {MAX_GUIDANCE:g} (a classifier-free guidance "
-                             f"scale); got {self.fast_distill_guidance}")
         if not 0.0 < self.fast_distill_lr <= 0.01:
             raise ValueError(f"fast_distill_lr must be above 0 and at most 0.01; got {self.fast_distill_lr}")
         if not 0.0 <= self.ddim_eta_quality <= 1.0:

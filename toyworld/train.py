@@ -363,17 +363,22 @@ def train_upscaler(cfg: Config, vae, log):
 # --- reuse, interim scores -----------------------------------------------------------------------------------------
 
 
-def _reuse_autoencoder(src: Path, out: Path, log):
-    """--vae-from: the autoencoder and upscaler of an earlier run, copied into `out`; returns the autoencoder."""
+def _copy_part(src: Path, out: Path, part: str) -> None:
+    """An earlier run's `part` folder copied into `out` (nothing to do when `out` is that run's folder)."""
     import shutil
 
+    if (src / part).resolve() != (out / part).resolve():
+        shutil.copytree(src / part, out / part, dirs_exist_ok=True)
+
+
+def _reuse_autoencoder(src: Path, out: Path, log):
+    """--vae-from: the autoencoder and upscaler of an earlier run, copied into `out`; returns the autoencoder."""
     from diffusers import AutoencoderTiny
 
     for part in ("vae", "upscaler"):
         if not (src / part).is_dir():
             raise ValueError(f"vae_from must be a training output folder with vae/ and upscaler/; {src / part} is missing")
-        if (src / part).resolve() != (out / part).resolve():
-            shutil.copytree(src / part, out / part, dirs_exist_ok=True)
+        _copy_part(src, out, part)
     log(f"autoencoder and upscaler reused from {src}")
     return AutoencoderTiny.from_pretrained(out / "vae").eval().requires_grad_(False)
 
@@ -395,14 +400,11 @@ def unet_recipe(cfg: Config) -> Config:
 def _reuse_unet(src: Path, out: Path, record: dict, log):
     """--unet-from: the UNet of an earlier run, copied into `out`, with what that run recorded about training it
     (steps, loss curve, wall time) in this run's record; returns the UNet."""
-    import shutil
-
     from diffusers import UNet2DConditionModel
 
     from stages.models import with_coordinates
 
-    if (src / "unet").resolve() != (out / "unet").resolve():
-        shutil.copytree(src / "unet", out / "unet", dirs_exist_ok=True)
+    _copy_part(src, out, "unet")
     earlier = json.loads((src / "train_log.json").read_text())
     for key in ("unet_steps_run", "interim_adherence"):
         if key in earlier:
