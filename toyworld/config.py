@@ -26,6 +26,7 @@ class Config:
     unet_object_min_snr: float = 0.1  # the object weight applies only at timesteps of at least this SNR (0 to 100), where the objects already show through the noise: below it the best guess under an object-weighted loss paints objects wherever one might be (measured: extra objects)
     unet_high_noise: float = 0.0  # share of each UNet batch drawn from t >= unet_high_noise_from instead of uniformly (0 to 1)
     unet_high_noise_from: int = 900  # 0 .. 999
+    unet_multi_share: float = 0.0  # share of each UNet batch drawn from the count and relation scenes (0 to 1); 0: scenes drawn uniformly, so about half are (the data's own mix: 20% count, 30% relation)
     unet_channels: str = "32,64,128"  # channels per UNet level: 3 levels (32x32 to 8x8) or 4 (down to 4x4), multiples of 32
     unet_text: str = "tokens"  # "tokens": cross-attention to the token states; "tokens+pooled": also the pooled caption in the timestep embedding
     unet_input: str = "latents"  # "latents+coords": two more input channels that say where in the frame each pixel is
@@ -62,6 +63,8 @@ class Config:
                              f"e.g. '32,64,128' or '32,64,128,128'); got {self.unet_channels!r}")
         if not 0.0 <= self.unet_high_noise <= 1.0:
             raise ValueError(f"unet_high_noise must be between 0 and 1 (a share of each batch); got {self.unet_high_noise}")
+        if not 0.0 <= self.unet_multi_share <= 1.0:
+            raise ValueError(f"unet_multi_share must be between 0 and 1 (a share of each batch); got {self.unet_multi_share}")
         if not 0.0 <= self.unet_loss_floor <= 1.0:
             raise ValueError(f"unet_loss_floor must be between 0 (plain min-SNR) and 1 (a v-loss weight); got {self.unet_loss_floor}")
         if not 0.0 <= self.unet_object_weight <= 20.0:

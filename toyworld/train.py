@@ -247,6 +247,27 @@ def object_weights(cfg: Config, n: int) -> torch.Tensor | None:
     return 1.0 + cfg.unet_object_weight * touched
 
 
+def multi_scenes(cfg: Config, n: int) -> torch.Tensor | None:
+    """[N] bool: which of the first `n` training scenes hold two or three objects (count and relation scenes), or
+    None (`unet_multi_share` 0: batches draw scenes uniformly)."""
+    if cfg.unet_multi_share <= 0:
+        return None
+    return torch.tensor([s.kind != "single" for _, s, _ in data.train_set(n)])
+
+
+def _batch_scenes(cfg: Config, n: int, multi: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
+    """[B] indices of the scenes of one UNet batch: uniform, or `unet_multi_share` of them from the `multi` scenes.
+    Why: counting two or three and keeping each colour on its own object is where the UNet fails most (README,
+    "Recipe experiments"); drawing those scenes more often gives them more of the steps."""
+    if multi is None:  # (no extra draws, so the random stream of earlier recipes is unchanged)
+        return torch.randint(0, n, (cfg.unet_batch,), generator=g)
+    pools = (torch.nonzero(~multi).squeeze(1), torch.nonzero(multi).squeeze(1))  # single, multi
+    pick = torch.rand(cfg.unet_batch, generator=g) < cfg.unet_multi_share
+    single = pools[0][torch.randint(0, len(pools[0]), (cfg.unet_batch,), generator=g)]
+    several = pools[1][torch.randint(0, len(pools[1]), (cfg.unet_batch,), generator=g)]
+    return torch.where(pick, several, single)
+
+
 def unet_autocast(cfg: Config):
     """The UNet's forward in the training's dtype (cfg.unet_dtype, resolved: "bfloat16" or "float32")."""
     return torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32")
@@ -267,10 +288,11 @@ def ema_step(opt, model, ema, loss: torch.Tensor, step: int, decay: float) -> fl
 
 
 def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: torch.Tensor, log, checkpoint=None,
-               pixel_weights: torch.Tensor | None = None):
+               pixel_weights: torch.Tensor | None = None, multi: torch.Tensor | None = None):
     """v-prediction (min-SNR weighted or plain MSE), CFG dropout to the empty prompt; returns the EMA of the weights.
 
-    `pixel_weights` ([N, 1, 32, 32], from `object_weights`) weigh each latent pixel's squared error (`unet_loss`)."""
+    `pixel_weights` ([N, 1, 32, 32], from `object_weights`) weigh each latent pixel's squared error (`unet_loss`);
+    `multi` ([N] bool, from `multi_scenes`) marks the scenes `unet_multi_share` of each batch is drawn from."""
     import copy
 
     from diffusers import DDIMScheduler
@@ -300,7 +322,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(step, elapsed)
-        idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
+        idx = _batch_scenes(cfg, len(latents), multi, g)
         x0 = latents[idx]  # [B, C, 32, 32]
         ctx = embeds[idx].clone()  # [B, 77, 384]
         drop = torch.rand(cfg.unet_batch, generator=g) < cfg.cfg_dropout
@@ -571,7 +593,8 @@ def train(out: Path, cfg: Config) -> dict:
         unet, unet_losses = _reuse_unet(Path(cfg.unet_from), out, record, log), []  # nothing trained
     else:
         pixel_weights = object_weights(cfg, len(latents))
-        unet, unet_losses = train_unet(cfg, latents, d["embeds"], d["empty"], log, checkpoint, pixel_weights)
+        unet, unet_losses = train_unet(cfg, latents, d["embeds"], d["empty"], log, checkpoint, pixel_weights,
+                                       multi_scenes(cfg, len(latents)))
         record["unet_steps_run"] = len(unet_losses)
         unet.save_pretrained(out / "unet", safe_serialization=True)
     record["wall_s"]["unet"] = round(time.perf_counter() - t, 1)
