@@ -128,7 +128,9 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         "identical objects (20%), two objects in a left/right/above/below relation (30%). The evaluation captions",
         "(seeds 1,000,000 on) are held aside: training skips any scene whose caption text is among the first 1,000 of",
         "them. The prompt encoder is the pipeline's own, so training embeddings equal inference embeddings; 10% of",
-        "captions are replaced by the empty prompt (the pipeline's negative) for classifier-free guidance.",
+        "captions are replaced by the empty prompt (the pipeline's negative) for classifier-free guidance."
+        + (f" The UNet draws {100 * multi:.0f}% of each batch from the count and relation scenes"
+           f" (`--unet-multi-share {multi:g}`), the rest from the single-object ones." if (multi := cfg.get("unet_multi_share", 0.0)) else ""),
         "",
         "## Training",
         "",
