@@ -77,6 +77,9 @@ def test_distillation_trains_a_copy_of_the_unet_and_leaves_the_teacher_as_it_was
     ("fast_distill_guidance", 31.0, "fast_distill_guidance must be between 0 and 30"),
     ("fast_distill_lr", 0.0, "fast_distill_lr must be above 0 and at most 0.01; got 0.0"),
     ("unet_from", "weights/x", "unet_from needs vae_from"),
+    ("unet_more_steps", -1, "unet_more_steps must be between 0 (no second phase) and 20000; got -1"),
+    ("unet_more_lr", 0.0, "unet_more_lr must be above 0 and at most 0.01; got 0.0"),
+    ("unet_more_multi_share", 1.5, "unet_more_multi_share must be between 0 and 1 (a share of each batch); got 1.5"),
 ])
 def test_training_config_bounds_the_fast_unets_settings(field, bad, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -181,3 +184,74 @@ def test_unet_from_takes_the_earlier_runs_unet_recipe_and_keeps_this_runs_own_se
     assert unet_recipe(Config()) == Config()  # no --unet-from: unchanged
     with pytest.raises(ValueError, match="unet_from must be a training output folder with unet/ and train_log.json"):
         unet_recipe(Config(vae_from="v", unet_from=str(tmp_path / "missing")))
+
+
+def test_a_second_unet_phase_is_this_runs_to_add_unless_the_reused_unet_had_one(tmp_path):
+    import json
+
+    from toyworld.train import unet_recipe
+
+    earlier = tmp_path / "earlier"
+    (earlier / "unet").mkdir(parents=True)
+    log = {"config": {"noise_shift": 4.0, "unet_steps": 9000, "unet_more_steps": 0, "unet_more_multi_share": 0.0}}
+    (earlier / "train_log.json").write_text(json.dumps(log))
+    cfg = unet_recipe(Config(vae_from="v", unet_from=str(earlier), unet_more_steps=1500, unet_more_multi_share=0.75))
+    assert (cfg.unet_steps, cfg.unet_more_steps, cfg.unet_more_multi_share) == (9000, 1500, 0.75)
+    # An earlier UNet that had its second phase: reused as it is, with that phase in the recipe; not a second one.
+    log["config"].update(unet_more_steps=1500, unet_more_multi_share=0.75)
+    (earlier / "train_log.json").write_text(json.dumps(log))
+    cfg = unet_recipe(Config(vae_from="v", unet_from=str(earlier)))
+    assert (cfg.unet_more_steps, cfg.unet_more_multi_share) == (1500, 0.75)
+    with pytest.raises(ValueError, match=re.escape(f"unet_from {earlier} already had a second UNet phase (1500 steps); got unet_more_steps 10")):
+        unet_recipe(Config(vae_from="v", unet_from=str(earlier), unet_more_steps=10))
+
+
+def test_a_second_unet_phase_trains_from_the_given_unet_and_leaves_it_as_it_was():
+    from toyworld.train import train_unet
+
+    torch.manual_seed(0)
+    first = make_unet(channels=(32, 32, 32), coordinates=True).eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in first.state_dict().items()}
+    cfg = Config(unet_steps=2, unet_batch=2, unet_lr=1e-3, noise_shift=4.0, unet_dtype="float32", ema_decay=0.5)
+    latents, embeds, empty = torch.randn(6, 8, 32, 32), torch.randn(6, 77, 384), torch.zeros(1, 77, 384)
+    multi = torch.tensor([True, False] * 3)
+    ema, losses = train_unet(cfg, latents, embeds, empty, lambda m: None, None, None, multi, start=first)
+    assert len(losses) == 2
+    assert all(torch.equal(v, before[k]) for k, v in first.state_dict().items())  # the first phase's UNet is untouched
+    # The EMA starts at the given weights (not a fresh init) and has moved from them, but only a little.
+    moved = [(ema.state_dict()[k] - v).abs().max().item() for k, v in before.items()]
+    assert 0 < max(moved) < 0.01
+    assert getattr(ema, "_flashtile_coordinates", False)
+
+
+def test_model_card_of_a_run_that_added_a_second_unet_phase(tmp_path):
+    import json
+
+    from stages.models import DEFAULT_WEIGHTS
+    from toyworld import card
+    from toyworld.train import reused_record
+
+    run = tmp_path / "run"
+    shutil.copytree(DEFAULT_WEIGHTS, run)
+    earlier = json.loads((run / "train_log.json").read_text())
+    more = [0.004, 0.003] * 25
+    cfg = {**earlier["config"], "vae_from": "a", "unet_from": "b", "unet_more_steps": 50, "unet_more_lr": 2e-4,
+           "unet_more_multi_share": 0.75}
+    log = {"config": cfg, "torch": "2.13.0+cpu", "reused": reused_record(DEFAULT_WEIGHTS),
+           "reused_unet": {"from": "b", "torch": earlier["torch"], "wall_s": 3000.0, "losses": [0.02, 0.01] * 50},
+           "unet_more": {"steps_run": 50, "wall_s": 240.0, "losses": more},
+           "wall_s": {"data": 10.0, "vae": 100.0, "unet": 1.0, "fast": 600.0, "total": 951.0},
+           "losses": {"unet_more": more, "fast": [0.1, 0.05] * 20}}
+    (run / "train_log.json").write_text(json.dumps(log))
+
+    text = card.write(run).read_text()
+    command = text.split("```bash\n")[1].split("\n")[0]
+    assert "--unet-more-steps 50" in command and "--unet-more-multi-share 0.75" in command
+    assert "--unet-more-lr" not in command  # the default
+    rows = {line.split(" (")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "75% of each batch from the count and relation scenes" in rows["UNet, second phase"]
+    assert rows["UNet, second phase"].endswith("| 50 | 32 | 4.0 min |")
+    wall = log["reused"]["wall_s"]
+    total = (951.0 - 100.0 + wall["vae"] + wall["upscaler"] - 1.0 + 3000.0) / 60  # the phase is in this run's total
+    assert f"**{total:.1f} min**" in text
+    assert re.search(r"Final losses \(mean of the last 50 steps\): vae [\d.]+, unet 0\.0150, unet_more 0\.0035, upscaler", text)

@@ -51,7 +51,9 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     # A fast UNet distilled with --unet-from: the UNet's row and curve come from the run that trained it.
     reused_unet = log.get("reused_unet") or {}
     earlier = {**reused.get("losses", {}), **({"unet": reused_unet["losses"]} if reused_unet else {})}
-    curves = {k: v for k in ("vae", "unet", "upscaler", "fast") if (v := log["losses"].get(k) or earlier.get(k))}
+    more = log.get("unet_more") or {}  # the UNet's second phase (--unet-more-steps), this run's or the reused UNet's
+    earlier["unet_more"] = more.get("losses", [])
+    curves = {k: v for k in ("vae", "unet", "unet_more", "upscaler", "fast") if (v := log["losses"].get(k) or earlier.get(k))}
     plot_losses(curves, weights / "loss_curves.png")
     ev = json.loads((weights / "eval.json").read_text()) if (weights / "eval.json").is_file() else None
     cfg, wall = {**log["config"], **reused.get("config", {})}, {**log["wall_s"], **reused.get("wall_s", {})}
@@ -60,6 +62,8 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     if reused_unet:  # and its copy of the UNet by the UNet's training
         wall["unet"] = reused_unet["wall_s"]
         wall["total"] += wall["unet"] - log["wall_s"]["unet"]
+    if more and "unet_more" not in log["losses"]:  # a reused UNet's second phase ran in the earlier run
+        wall["total"] += more["wall_s"]
     sums = checksums(weights)
     total_mb = sum(b for _, b in sums.values()) / 1e6
     params = {name: _params(weights, rel) for name, rel in (
@@ -158,6 +162,10 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         f"| upscaler (VAE round trip of a 256 render -> the 1024 render; L1) | {cfg['upscaler_steps']} | {cfg['upscaler_batch']} | {wall['upscaler'] / 60:.1f} min |",
         f"| UNet (v-prediction, {unet_loss}{', pooled caption in the timestep embedding' if cfg.get('unet_text') == 'tokens+pooled' else ''}, AdamW lr {cfg['unet_lr']}, cosine, EMA {cfg['ema_decay']}{'' if cfg.get('unet_dtype', 'float32') == 'float32' else ', ' + cfg['unet_dtype'] + ' autocast'}) | {steps_run} | {cfg['unet_batch']} | {wall['unet'] / 60:.1f} min |",
     ] + ([
+        f"| UNet, second phase (from the first's EMA weights, {100 * cfg['unet_more_multi_share']:.0f}% of each batch from the"
+        f" count and relation scenes, AdamW lr {cfg['unet_more_lr']:g}, cosine, seed {cfg['seed'] + 1}) | {more['steps_run']}"
+        f" | {cfg['unet_batch']} | {more['wall_s'] / 60:.1f} min |",
+    ] if more else []) + ([
         f"| fast UNet (guided distillation: {cfg['fast_distill_trajectories']} teacher samples of {4 * cfg['fast_distill_substeps']}"
         f" DDIM steps at guidance {cfg['fast_distill_guidance']:g} on training captions; v-MSE to the one-step targets,"
         f" AdamW lr {cfg['fast_distill_lr']:g}, cosine, EMA {cfg['ema_decay']}) | {cfg['fast_distill_steps']} | {cfg['unet_batch']}"
@@ -201,8 +209,8 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
                 f"**Below target** (90% quality, 80% fast): {100 * q:.1f}% and {100 * f:.1f}%, against"
                 f" {100 * ev['validation']['mismatched']['overall']:.1f}% for the checker on mismatched image/caption"
                 f" pairs. Weakest attribute in quality mode: {weakest} ({100 * quality[weakest]:.1f}%); strongest:"
-                f" {strongest} ({100 * quality[strongest]:.1f}%). Its UNet had {steps_run} steps of batch"
-                f" {cfg['unet_batch']}.",
+                f" {strongest} ({100 * quality[strongest]:.1f}%). Its UNet had {steps_run}"
+                + (f" + {more['steps_run']}" if more else "") + f" steps of batch {cfg['unet_batch']}.",
                 "",
             ]
     else:

@@ -30,6 +30,9 @@ class Config:
     unet_channels: str = "32,64,128"  # channels per UNet level: 3 levels (32x32 to 8x8) or 4 (down to 4x4), multiples of 32
     unet_text: str = "tokens"  # "tokens": cross-attention to the token states; "tokens+pooled": also the pooled caption in the timestep embedding
     unet_input: str = "latents"  # "latents+coords": two more input channels that say where in the frame each pixel is
+    unet_more_steps: int = 0  # > 0: a second, shorter UNet phase after the first (0 to 20000 steps), from its EMA weights, seed + 1
+    unet_more_lr: float = 2e-4  # the second phase's AdamW learning rate (warm-up and cosine, like the first)
+    unet_more_multi_share: float = 0.0  # the second phase's unet_multi_share (0 to 1): its batches' share of count and relation scenes
     ema_decay: float = 0.995
     cfg_dropout: float = 0.1  # share of captions replaced by the empty prompt (the pipeline's negative)
     guidance_fast: float = 5.0  # request defaults written to the model's flashtile.json (0 to 30; 5 = the pipeline's own);
@@ -63,8 +66,13 @@ class Config:
                              f"e.g. '32,64,128' or '32,64,128,128'); got {self.unet_channels!r}")
         if not 0.0 <= self.unet_high_noise <= 1.0:
             raise ValueError(f"unet_high_noise must be between 0 and 1 (a share of each batch); got {self.unet_high_noise}")
-        if not 0.0 <= self.unet_multi_share <= 1.0:
-            raise ValueError(f"unet_multi_share must be between 0 and 1 (a share of each batch); got {self.unet_multi_share}")
+        for name in ("unet_multi_share", "unet_more_multi_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1 (a share of each batch); got {getattr(self, name)}")
+        if not 0 <= self.unet_more_steps <= 20000:
+            raise ValueError(f"unet_more_steps must be between 0 (no second phase) and 20000; got {self.unet_more_steps}")
+        if not 0.0 < self.unet_more_lr <= 0.01:
+            raise ValueError(f"unet_more_lr must be above 0 and at most 0.01; got {self.unet_more_lr}")
         if not 0.0 <= self.unet_loss_floor <= 1.0:
             raise ValueError(f"unet_loss_floor must be between 0 (plain min-SNR) and 1 (a v-loss weight); got {self.unet_loss_floor}")
         if not 0.0 <= self.unet_object_weight <= 20.0:

@@ -288,11 +288,12 @@ def ema_step(opt, model, ema, loss: torch.Tensor, step: int, decay: float) -> fl
 
 
 def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: torch.Tensor, log, checkpoint=None,
-               pixel_weights: torch.Tensor | None = None, multi: torch.Tensor | None = None):
+               pixel_weights: torch.Tensor | None = None, multi: torch.Tensor | None = None, start=None):
     """v-prediction (min-SNR weighted or plain MSE), CFG dropout to the empty prompt; returns the EMA of the weights.
 
     `pixel_weights` ([N, 1, 32, 32], from `object_weights`) weigh each latent pixel's squared error (`unet_loss`);
-    `multi` ([N] bool, from `multi_scenes`) marks the scenes `unet_multi_share` of each batch is drawn from."""
+    `multi` ([N] bool, from `multi_scenes`) marks the scenes `unet_multi_share` of each batch is drawn from;
+    `start`, a trained UNet, is where the weights (and their EMA) begin instead of a fresh one (left as it was)."""
     import copy
 
     from diffusers import DDIMScheduler
@@ -302,8 +303,11 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
     snr = alphas / (1 - alphas)
     g = torch.Generator().manual_seed(cfg.seed + 2)
     torch.manual_seed(cfg.seed + 2)
-    unet = make_unet(cfg.latent_channels, pooled_text=cfg.unet_text == "tokens+pooled", channels=cfg.unet_levels,
-                     coordinates=cfg.unet_input == "latents+coords").train()
+    if start is not None:
+        unet = copy.deepcopy(start).train().requires_grad_(True)
+    else:
+        unet = make_unet(cfg.latent_channels, pooled_text=cfg.unet_text == "tokens+pooled", channels=cfg.unet_levels,
+                         coordinates=cfg.unet_input == "latents+coords").train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     warm = 100
@@ -416,7 +420,13 @@ def unet_recipe(cfg: Config) -> Config:
     earlier = json.loads((src / "train_log.json").read_text())["config"]
     own = ("vae_from", "unet_from", "threads", "eval_every", "eval_n", "guidance_fast", "guidance_quality", "unet_dtype")
     fields = asdict(cfg)
-    return replace(cfg, **{k: v for k, v in earlier.items() if k in fields and not k.startswith("fast_") and k not in own})
+    # The second UNet phase is this run's to add, unless the earlier UNet already had one (then it is the recipe's).
+    had_more = earlier.get("unet_more_steps", 0) > 0
+    if had_more and cfg.unet_more_steps > 0:
+        raise ValueError(f"unet_from {src} already had a second UNet phase ({earlier['unet_more_steps']} steps); "
+                         f"got unet_more_steps {cfg.unet_more_steps} (use 0 to reuse that UNet as it is)")
+    mine = lambda k: k.startswith("fast_") or k in own or (k.startswith("unet_more_") and not had_more)  # noqa: E731
+    return replace(cfg, **{k: v for k, v in earlier.items() if k in fields and not mine(k)})
 
 
 def _reuse_unet(src: Path, out: Path, record: dict, log):
@@ -428,7 +438,7 @@ def _reuse_unet(src: Path, out: Path, record: dict, log):
 
     _copy_part(src, out, "unet")
     earlier = json.loads((src / "train_log.json").read_text())
-    for key in ("unet_steps_run", "interim_adherence"):
+    for key in ("unet_steps_run", "interim_adherence", "unet_more"):
         if key in earlier:
             record[key] = earlier[key]
     # A chain of reuses keeps the run that really trained the UNet.
@@ -599,6 +609,18 @@ def train(out: Path, cfg: Config) -> dict:
         unet.save_pretrained(out / "unet", safe_serialization=True)
     record["wall_s"]["unet"] = round(time.perf_counter() - t, 1)
 
+    more_losses = []
+    if cfg.unet_more_steps > 0 and "unet_more" not in record:  # (a reused UNet that had its second phase has it)
+        t = time.perf_counter()
+        # A short second schedule on the trained UNet, weighted to the scenes it gets wrong most (count, relation).
+        more = replace(cfg, unet_steps=cfg.unet_more_steps, unet_lr=cfg.unet_more_lr, seed=cfg.seed + 1,
+                       unet_multi_share=cfg.unet_more_multi_share, unet_budget_min=0.0)
+        unet, more_losses = train_unet(more, latents, d["embeds"], d["empty"], log, None, object_weights(more, len(latents)),
+                                       multi_scenes(more, len(latents)), start=unet)
+        unet.save_pretrained(out / "unet", safe_serialization=True)
+        record["unet_more"] = {"steps_run": len(more_losses), "wall_s": round(time.perf_counter() - t, 1),
+                               "losses": more_losses}
+
     fast_losses = []
     if cfg.fast_distill_steps > 0:
         from toyworld.distill import distill_fast_unet
@@ -609,7 +631,8 @@ def train(out: Path, cfg: Config) -> dict:
         record["wall_s"]["fast"] = round(time.perf_counter() - t, 1)
 
     record["wall_s"]["total"] = round(time.perf_counter() - started, 1)
-    curves = {k: v for k, v in {"vae": vae_losses, "unet": unet_losses, "upscaler": up_losses, "fast": fast_losses}.items() if v}
+    curves = {k: v for k, v in {"vae": vae_losses, "unet": unet_losses, "unet_more": more_losses, "upscaler": up_losses,
+                                "fast": fast_losses}.items() if v}
     record["final_loss"] = {k: float(np.mean(v[-50:])) for k, v in curves.items()}
     record["losses"] = curves
     (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
