@@ -147,8 +147,10 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         + (f" The UNet was trained with `--vae-from {reused['from']}`: the autoencoder and upscaler (and their rows"
            f" below) are those of the earlier run of this command, under torch {reused['torch']}; the command retrains"
            " them first, with the same seeds." if reused else "")
-        + (f" The fast UNet was distilled with `--unet-from {reused_unet['from']}`: the UNet (and its row below) is that"
-           f" run's, under torch {reused_unet['torch']}; the command trains it first, with the same seeds." if reused_unet else "")
+        + (f" The fast UNet was distilled with `--unet-from {reused_unet['from']}`: the UNet"
+           + ("'s first phase" if more and "unet_more" in log["losses"] else "")
+           + f" (and its row below) is that run's, under torch {reused_unet['torch']}; the command trains it first, with"
+           " the same seeds." if reused_unet else "")
         + (" The sampling defaults (" + ", ".join(f"`{_flag(k, v)}`" for k, v in tuned_after.items())
            + ") were chosen after this run, on tuning captions (held-aside from 200 on, not the reported 200; README),"
            " and written into its `flashtile.json`; the flags write the same file." if tuned_after else ""),
