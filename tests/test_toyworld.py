@@ -335,6 +335,7 @@ def test_model_card_of_a_vae_from_run_takes_the_reused_parts_from_the_run_that_t
     log = json.loads((run / "train_log.json").read_text())
     reused = reused_record(DEFAULT_WEIGHTS)
     log.pop("reused_unet", None)  # (the shipped log is a fast-UNet run's: this one trained its UNet itself)
+    log.pop("unet_more", None)  # (and one UNet phase only)
     log.update(reused=reused, losses={"unet": [0.02, 0.01] * 50}, wall_s={"data": 17.0, "vae": 150.0, "unet": 600.0, "total": 767.0})
     log["config"].update(vae_from=str(DEFAULT_WEIGHTS), eval_every=250)
     log.pop("vae_roundtrip", None)
