@@ -237,7 +237,7 @@ def test_multi_share_draws_that_share_of_each_batch_from_the_count_and_relation_
     import torch
 
     from toyworld.config import Config
-    from toyworld.train import _batch_scenes, multi_scenes
+    from toyworld.train import _batch_scenes, _scene_pools, multi_scenes
 
     assert multi_scenes(Config(), 8) is None  # the default draws scenes uniformly
     with pytest.raises(ValueError, match=re.escape("unet_multi_share must be between 0 and 1 (a share of each batch); got 1.5")):
@@ -247,13 +247,14 @@ def test_multi_share_draws_that_share_of_each_batch_from_the_count_and_relation_
     assert multi.tolist() == [s.kind in ("count", "relation") for _, s, _ in data.train_set(400)]
     assert 0.35 < multi.float().mean() < 0.65  # the data's own mix: about half
     g = torch.Generator().manual_seed(0)
-    idx = torch.cat([_batch_scenes(cfg, 400, multi, g) for _ in range(100)])  # 3,200 draws
+    pools = _scene_pools(multi)
+    idx = torch.cat([_batch_scenes(cfg, 400, pools, g) for _ in range(100)])  # 3,200 draws
     assert 0 <= int(idx.min()) and int(idx.max()) < 400
     assert 0.72 < multi[idx].float().mean() < 0.78
     assert len(set(idx.tolist())) > 350  # every pool is drawn from across its scenes, not a few of them
     # share 0: one uniform draw per batch, the random stream earlier recipes trained with
     a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(_batch_scenes(Config(), 400, None, a), torch.randint(0, 400, (32,), generator=b))
+    assert torch.equal(_batch_scenes(Config(), 400, _scene_pools(None), a), torch.randint(0, 400, (32,), generator=b))
 
 
 def test_object_weight_counts_only_where_the_objects_show_through_the_noise():

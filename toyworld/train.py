@@ -255,13 +255,17 @@ def multi_scenes(cfg: Config, n: int) -> torch.Tensor | None:
     return torch.tensor([s.kind != "single" for _, s, _ in data.train_set(n)])
 
 
-def _batch_scenes(cfg: Config, n: int, multi: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
-    """[B] indices of the scenes of one UNet batch: uniform, or `unet_multi_share` of them from the `multi` scenes.
-    Why: counting two or three and keeping each colour on its own object is where the UNet fails most (README,
-    "Recipe experiments"); drawing those scenes more often gives them more of the steps."""
-    if multi is None:  # (no extra draws, so the random stream of earlier recipes is unchanged)
+def _scene_pools(multi: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """([S], [M]) indices of the single-object and of the count and relation scenes, from `multi_scenes`."""
+    return None if multi is None else (torch.nonzero(~multi).squeeze(1), torch.nonzero(multi).squeeze(1))
+
+
+def _batch_scenes(cfg: Config, n: int, pools: tuple[torch.Tensor, torch.Tensor] | None, g: torch.Generator) -> torch.Tensor:
+    """[B] indices of the scenes of one UNet batch: uniform, or `unet_multi_share` of them from the multi pool
+    (`_scene_pools`). Why: counting two or three and keeping each colour on its own object is where the UNet fails
+    most (README, "Recipe experiments"); drawing those scenes more often gives them more of the steps."""
+    if pools is None:  # (no extra draws, so the random stream of earlier recipes is unchanged)
         return torch.randint(0, n, (cfg.unet_batch,), generator=g)
-    pools = (torch.nonzero(~multi).squeeze(1), torch.nonzero(multi).squeeze(1))  # single, multi
     pick = torch.rand(cfg.unet_batch, generator=g) < cfg.unet_multi_share
     single = pools[0][torch.randint(0, len(pools[0]), (cfg.unet_batch,), generator=g)]
     several = pools[1][torch.randint(0, len(pools[1]), (cfg.unet_batch,), generator=g)]
@@ -318,6 +322,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         progress = max(step / cfg.unet_steps, elapsed / budget_s if budget_s > 0 else 0.0)
         return cfg.unet_lr * min(1.0, (step + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
+    pools = _scene_pools(multi)  # once, not every step
     losses, started = [], time.perf_counter()
     for step in range(cfg.unet_steps):
         elapsed = time.perf_counter() - started
@@ -326,7 +331,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(step, elapsed)
-        idx = _batch_scenes(cfg, len(latents), multi, g)
+        idx = _batch_scenes(cfg, len(latents), pools, g)
         x0 = latents[idx]  # [B, C, 32, 32]
         ctx = embeds[idx].clone()  # [B, 77, 384]
         drop = torch.rand(cfg.unet_batch, generator=g) < cfg.cfg_dropout
