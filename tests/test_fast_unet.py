@@ -239,7 +239,7 @@ def test_model_card_of_a_run_that_added_a_second_unet_phase(tmp_path):
            "unet_more_multi_share": 0.75}
     log = {"config": cfg, "torch": "2.13.0+cpu", "reused": reused_record(DEFAULT_WEIGHTS),
            "reused_unet": {"from": "b", "torch": earlier["torch"], "wall_s": 3000.0, "losses": [0.02, 0.01] * 50},
-           "unet_more": {"steps_run": 50, "wall_s": 240.0, "losses": more},
+           "unet_more": {"steps_run": 50, "wall_s": 240.0},  # its curve is in this run's losses
            "wall_s": {"data": 10.0, "vae": 100.0, "unet": 1.0, "fast": 600.0, "total": 951.0},
            "losses": {"unet_more": more, "fast": [0.1, 0.05] * 20}}
     (run / "train_log.json").write_text(json.dumps(log))
@@ -253,5 +253,63 @@ def test_model_card_of_a_run_that_added_a_second_unet_phase(tmp_path):
     assert rows["UNet, second phase"].endswith("| 50 | 32 | 4.0 min |")
     wall = log["reused"]["wall_s"]
     total = (951.0 - 100.0 + wall["vae"] + wall["upscaler"] - 1.0 + 3000.0) / 60  # the phase is in this run's total
+    assert f"**{total:.1f} min**" in text
+    assert re.search(r"Final losses \(mean of the last 50 steps\): vae [\d.]+, unet 0\.0150, unet_more 0\.0035, upscaler", text)
+
+
+def test_reusing_a_unet_carries_its_second_phase_and_that_phases_curve_once(tmp_path):
+    import json
+
+    from toyworld.train import _reuse_unet
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_unet(channels=(32, 32, 32), coordinates=True).save_pretrained(src / "unet", safe_serialization=True)
+    curve = [0.004, 0.003] * 10
+    (src / "train_log.json").write_text(json.dumps({
+        "torch": "2.13.0+cpu", "wall_s": {"unet": 9.0}, "unet_steps_run": 20,
+        "unet_more": {"steps_run": 20, "wall_s": 3.0}, "losses": {"unet": [0.1] * 20, "unet_more": curve}}))
+    record = {}
+    _reuse_unet(src, out, record, lambda m: None)
+    # The phase, the run that trained it and its curve (from that run's losses), carried across.
+    assert record["unet_more"] == {"from": str(src), "torch": "2.13.0+cpu", "steps_run": 20, "wall_s": 3.0, "losses": curve}
+    assert record["reused_unet"]["losses"] == [0.1] * 20 and record["unet_steps_run"] == 20
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+    # A chain: reusing that copy finds the curve in its record of the phase.
+    (out / "train_log.json").write_text(json.dumps({**record, "torch": "2.14.1+cu130", "wall_s": {"unet": 0.1}, "losses": {"fast": [0.1]}}))
+    again = {}
+    _reuse_unet(out, tmp_path / "again", again, lambda m: None)
+    assert again["unet_more"] == record["unet_more"] and again["reused_unet"]["losses"] == [0.1] * 20  # (from: src)
+
+
+def test_model_card_of_a_fast_unet_whose_unets_second_phase_ran_in_an_earlier_run(tmp_path):
+    import json
+
+    from stages.models import DEFAULT_WEIGHTS
+    from toyworld import card
+    from toyworld.train import reused_record
+
+    # Three runs: the UNet's first phase (b), its second phase (c, --unet-from b), the fast UNet (--unet-from c).
+    run = tmp_path / "run"
+    shutil.copytree(DEFAULT_WEIGHTS, run)
+    earlier = json.loads((run / "train_log.json").read_text())
+    more = [0.004, 0.003] * 25
+    cfg = {**earlier["config"], "vae_from": "c", "unet_from": "c", "unet_more_steps": 50, "unet_more_multi_share": 0.75}
+    log = {"config": cfg, "torch": "2.13.0+cpu", "reused": reused_record(DEFAULT_WEIGHTS),
+           "reused_unet": {"from": "b", "torch": "2.14.1+cu130", "wall_s": 3000.0, "losses": [0.02, 0.01] * 50},
+           "unet_more": {"from": "c", "torch": "2.13.0+cpu", "steps_run": 50, "wall_s": 240.0, "losses": more},
+           "wall_s": {"data": 10.0, "vae": 100.0, "unet": 1.0, "fast": 600.0, "total": 711.0},
+           "losses": {"fast": [0.1, 0.05] * 20}}
+    (run / "train_log.json").write_text(json.dumps(log))
+
+    text = card.write(run).read_text()
+    assert ("distilled with `--unet-from c`, whose UNet had its second phase (and that row below) from that run, under"
+            " torch 2.13.0+cpu, and its first phase from `--unet-from b`, under torch 2.14.1+cu130") in text
+    command = text.split("```bash\n")[1].split("\n")[0]
+    assert "--unet-more-steps 50" in command and "--unet-from" not in command
+    rows = {line.split(" (")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["UNet, second phase"].endswith("| 50 | 32 | 4.0 min |")
+    wall = log["reused"]["wall_s"]
+    total = (711.0 - 100.0 + wall["vae"] + wall["upscaler"] - 1.0 + 3000.0 + 240.0) / 60  # the phase from its run
     assert f"**{total:.1f} min**" in text
     assert re.search(r"Final losses \(mean of the last 50 steps\): vae [\d.]+, unet 0\.0150, unet_more 0\.0035, upscaler", text)

@@ -147,7 +147,11 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         + (f" The UNet was trained with `--vae-from {reused['from']}`: the autoencoder and upscaler (and their rows"
            f" below) are those of the earlier run of this command, under torch {reused['torch']}; the command retrains"
            " them first, with the same seeds." if reused else "")
-        + (f" The fast UNet was distilled with `--unet-from {reused_unet['from']}`: the UNet"
+        + (f" The fast UNet was distilled with `--unet-from {more['from']}`, whose UNet had its second phase (and that"
+           f" row below) from that run, under torch {more['torch']}, and its first phase from `--unet-from"
+           f" {reused_unet['from']}`, under torch {reused_unet['torch']}; the command trains both first, with the same"
+           " seeds." if reused_unet and "from" in more else
+           f" The fast UNet was distilled with `--unet-from {reused_unet['from']}`: the UNet"
            + ("'s first phase" if more and "unet_more" in log["losses"] else "")
            + f" (and its row below) is that run's, under torch {reused_unet['torch']}; the command trains it first, with"
            " the same seeds." if reused_unet else "")

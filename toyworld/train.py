@@ -443,9 +443,12 @@ def _reuse_unet(src: Path, out: Path, record: dict, log):
 
     _copy_part(src, out, "unet")
     earlier = json.loads((src / "train_log.json").read_text())
-    for key in ("unet_steps_run", "interim_adherence", "unet_more"):
+    for key in ("unet_steps_run", "interim_adherence"):
         if key in earlier:
             record[key] = earlier[key]
+    if "unet_more" in earlier:  # its second phase, with the phase's curve (in the losses of the run that trained it)
+        record["unet_more"] = {"from": str(src), "torch": earlier["torch"], **earlier["unet_more"],  # (a chain: the first)
+                               "losses": earlier["losses"].get("unet_more") or earlier["unet_more"]["losses"]}
     # A chain of reuses keeps the run that really trained the UNet.
     record["reused_unet"] = earlier.get("reused_unet") or {
         "from": str(src), "torch": earlier["torch"], "wall_s": earlier["wall_s"]["unet"], "losses": earlier["losses"]["unet"]}
@@ -623,8 +626,7 @@ def train(out: Path, cfg: Config) -> dict:
         unet, more_losses = train_unet(more, latents, d["embeds"], d["empty"], log, None, object_weights(more, len(latents)),
                                        multi_scenes(more, len(latents)), start=unet)
         unet.save_pretrained(out / "unet", safe_serialization=True)
-        record["unet_more"] = {"steps_run": len(more_losses), "wall_s": round(time.perf_counter() - t, 1),
-                               "losses": more_losses}
+        record["unet_more"] = {"steps_run": len(more_losses), "wall_s": round(time.perf_counter() - t, 1)}  # curve: losses
 
     fast_losses = []
     if cfg.fast_distill_steps > 0:
