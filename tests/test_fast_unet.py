@@ -130,32 +130,42 @@ def test_an_optional_unet_role_must_be_known(tiny_with_fast, tmp_path):
         ModelDir(copy)
 
 
-def test_model_card_of_a_fast_unet_distilled_from_an_earlier_runs_unet(tmp_path):
+def _card(tmp_path, log: dict, fast_unet: bool = False):
+    """The model card of a copy of the shipped weights with `log` as its train_log.json: (text, command, table rows)."""
     import json
 
     from stages.models import DEFAULT_WEIGHTS
     from toyworld import card
+
+    run = tmp_path / "run"
+    shutil.copytree(DEFAULT_WEIGHTS, run)
+    if fast_unet:
+        shutil.copytree(run / "unet", run / "fast" / "unet", dirs_exist_ok=True)
+    (run / "train_log.json").write_text(json.dumps(log))
+    text = card.write(run).read_text()
+    rows = {line.split(" (")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    return text, text.split("```bash\n")[1].split("\n")[0], rows
+
+
+def test_model_card_of_a_fast_unet_distilled_from_an_earlier_runs_unet(tmp_path):
+    import json
+
+    from stages.models import DEFAULT_WEIGHTS
     from toyworld.train import reused_record
 
     # A distillation-only run (--vae-from and --unet-from the shipped weights): it trained the fast UNet alone.
-    run = tmp_path / "run"
-    shutil.copytree(DEFAULT_WEIGHTS, run)
-    earlier = json.loads((run / "train_log.json").read_text())
-    shutil.copytree(run / "unet", run / "fast" / "unet", dirs_exist_ok=True)
+    earlier = json.loads((DEFAULT_WEIGHTS / "train_log.json").read_text())
     cfg = {**earlier["config"], "vae_from": "a", "unet_from": "b", "fast_distill_steps": 40, "fast_distill_substeps": 5,
            "fast_distill_trajectories": 256, "fast_distill_guidance": 3.0, "fast_distill_lr": 1e-4}
     log = {"config": cfg, "torch": "2.13.0+cpu", "reused": reused_record(DEFAULT_WEIGHTS),
            "reused_unet": {"from": "b", "torch": earlier["torch"], "wall_s": 3000.0, "losses": [0.02, 0.01] * 50},
            "wall_s": {"data": 10.0, "vae": 100.0, "unet": 1.0, "fast": 600.0, "total": 711.0},
            "losses": {"fast": [0.1, 0.05] * 20}}
-    (run / "train_log.json").write_text(json.dumps(log))
 
-    text = card.write(run).read_text()
-    command = text.split("```bash\n")[1].split("\n")[0]
+    text, command, rows = _card(tmp_path, log, fast_unet=True)
     assert "--unet-from" not in command and "--vae-from" not in command  # the command reruns everything
     assert "--fast-distill-steps 40" in command and "--fast-distill-trajectories 256" in command
     assert "distilled with `--unet-from b`" in text
-    rows = {line.split(" (")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert rows["UNet"].endswith(f"| {3000.0 / 60:.1f} min |")  # the run that trained it
     assert rows["fast UNet"].endswith("| 40 | 32 | 10.0 min (teacher samples included) |")
     assert "fast UNet | the UNet distilled for fast mode" in text
@@ -228,12 +238,9 @@ def test_model_card_of_a_run_that_added_a_second_unet_phase(tmp_path):
     import json
 
     from stages.models import DEFAULT_WEIGHTS
-    from toyworld import card
     from toyworld.train import reused_record
 
-    run = tmp_path / "run"
-    shutil.copytree(DEFAULT_WEIGHTS, run)
-    earlier = json.loads((run / "train_log.json").read_text())
+    earlier = json.loads((DEFAULT_WEIGHTS / "train_log.json").read_text())
     more = [0.004, 0.003] * 25
     cfg = {**earlier["config"], "vae_from": "a", "unet_from": "b", "unet_more_steps": 50, "unet_more_lr": 2e-4,
            "unet_more_multi_share": 0.75}
@@ -242,13 +249,10 @@ def test_model_card_of_a_run_that_added_a_second_unet_phase(tmp_path):
            "unet_more": {"steps_run": 50, "wall_s": 240.0},  # its curve is in this run's losses
            "wall_s": {"data": 10.0, "vae": 100.0, "unet": 1.0, "fast": 600.0, "total": 951.0},
            "losses": {"unet_more": more, "fast": [0.1, 0.05] * 20}}
-    (run / "train_log.json").write_text(json.dumps(log))
 
-    text = card.write(run).read_text()
-    command = text.split("```bash\n")[1].split("\n")[0]
+    text, command, rows = _card(tmp_path, log)
     assert "--unet-more-steps 50" in command and "--unet-more-multi-share 0.75" in command
     assert "--unet-more-lr" not in command  # the default
-    rows = {line.split(" (")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "75% of each batch from the count and relation scenes" in rows["UNet, second phase"]
     assert rows["UNet, second phase"].endswith("| 50 | 32 | 4.0 min |")
     wall = log["reused"]["wall_s"]
@@ -286,13 +290,10 @@ def test_model_card_of_a_fast_unet_whose_unets_second_phase_ran_in_an_earlier_ru
     import json
 
     from stages.models import DEFAULT_WEIGHTS
-    from toyworld import card
     from toyworld.train import reused_record
 
     # Three runs: the UNet's first phase (b), its second phase (c, --unet-from b), the fast UNet (--unet-from c).
-    run = tmp_path / "run"
-    shutil.copytree(DEFAULT_WEIGHTS, run)
-    earlier = json.loads((run / "train_log.json").read_text())
+    earlier = json.loads((DEFAULT_WEIGHTS / "train_log.json").read_text())
     more = [0.004, 0.003] * 25
     cfg = {**earlier["config"], "vae_from": "c", "unet_from": "c", "unet_more_steps": 50, "unet_more_multi_share": 0.75}
     log = {"config": cfg, "torch": "2.13.0+cpu", "reused": reused_record(DEFAULT_WEIGHTS),
@@ -300,14 +301,11 @@ def test_model_card_of_a_fast_unet_whose_unets_second_phase_ran_in_an_earlier_ru
            "unet_more": {"from": "c", "torch": "2.13.0+cpu", "steps_run": 50, "wall_s": 240.0, "losses": more},
            "wall_s": {"data": 10.0, "vae": 100.0, "unet": 1.0, "fast": 600.0, "total": 711.0},
            "losses": {"fast": [0.1, 0.05] * 20}}
-    (run / "train_log.json").write_text(json.dumps(log))
 
-    text = card.write(run).read_text()
+    text, command, rows = _card(tmp_path, log)
     assert ("distilled with `--unet-from c`, whose UNet had its second phase (and that row below) from that run, under"
             " torch 2.13.0+cpu, and its first phase from `--unet-from b`, under torch 2.14.1+cu130") in text
-    command = text.split("```bash\n")[1].split("\n")[0]
     assert "--unet-more-steps 50" in command and "--unet-from" not in command
-    rows = {line.split(" (")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert rows["UNet, second phase"].endswith("| 50 | 32 | 4.0 min |")
     wall = log["reused"]["wall_s"]
     total = (711.0 - 100.0 + wall["vae"] + wall["upscaler"] - 1.0 + 3000.0 + 240.0) / 60  # the phase from its run

@@ -52,6 +52,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     reused_unet = log.get("reused_unet") or {}
     earlier = {**reused.get("losses", {}), **({"unet": reused_unet["losses"]} if reused_unet else {})}
     more = log.get("unet_more") or {}  # the UNet's second phase (--unet-more-steps), this run's or the reused UNet's
+    more_earlier = bool(more) and "unet_more" not in log["losses"]  # (this run's phase has its curve in this run's losses)
     earlier["unet_more"] = more.get("losses", [])
     curves = {k: v for k in ("vae", "unet", "unet_more", "upscaler", "fast") if (v := log["losses"].get(k) or earlier.get(k))}
     plot_losses(curves, weights / "loss_curves.png")
@@ -62,7 +63,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     if reused_unet:  # and its copy of the UNet by the UNet's training
         wall["unet"] = reused_unet["wall_s"]
         wall["total"] += wall["unet"] - log["wall_s"]["unet"]
-    if more and "unet_more" not in log["losses"]:  # a reused UNet's second phase ran in the earlier run
+    if more_earlier:  # a reused UNet's second phase ran in the earlier run
         wall["total"] += more["wall_s"]
     sums = checksums(weights)
     total_mb = sum(b for _, b in sums.values()) / 1e6
@@ -150,9 +151,9 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         + (f" The fast UNet was distilled with `--unet-from {more['from']}`, whose UNet had its second phase (and that"
            f" row below) from that run, under torch {more['torch']}, and its first phase from `--unet-from"
            f" {reused_unet['from']}`, under torch {reused_unet['torch']}; the command trains both first, with the same"
-           " seeds." if reused_unet and "from" in more else
+           " seeds." if reused_unet and more_earlier else
            f" The fast UNet was distilled with `--unet-from {reused_unet['from']}`: the UNet"
-           + ("'s first phase" if more and "unet_more" in log["losses"] else "")
+           + ("'s first phase" if more else "")
            + f" (and its row below) is that run's, under torch {reused_unet['torch']}; the command trains it first, with"
            " the same seeds." if reused_unet else "")
         + (" The sampling defaults (" + ", ".join(f"`{_flag(k, v)}`" for k, v in tuned_after.items())
