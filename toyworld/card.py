@@ -40,6 +40,21 @@ def _flag(name: str, value) -> str:
     return f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float) else f"--{name.replace('_', '-')} {value}"
 
 
+def _reused_unet_sentence(reused_unet: dict, more: dict, more_earlier: bool) -> str:
+    """Where a fast-UNet-only run's UNet came from: its first phase, and its second phase if an earlier run added it."""
+    if not reused_unet:
+        return ""
+    if more_earlier:  # three runs: first phase, second phase (--unet-from the first), fast UNet (--unet-from the second)
+        return (f" The fast UNet was distilled with `--unet-from {more['from']}`, whose UNet had its second phase (and"
+                f" that row below) from that run, under torch {more['torch']}, and its first phase from `--unet-from"
+                f" {reused_unet['from']}`, under torch {reused_unet['torch']}; the command trains both first, with the"
+                " same seeds.")
+    return (f" The fast UNet was distilled with `--unet-from {reused_unet['from']}`: the UNet"
+            + ("'s first phase" if more else "")
+            + f" (and its row below) is that run's, under torch {reused_unet['torch']}; the command trains it first,"
+            " with the same seeds.")
+
+
 def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     from toyworld.evaluate import table
 
@@ -148,14 +163,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         + (f" The UNet was trained with `--vae-from {reused['from']}`: the autoencoder and upscaler (and their rows"
            f" below) are those of the earlier run of this command, under torch {reused['torch']}; the command retrains"
            " them first, with the same seeds." if reused else "")
-        + (f" The fast UNet was distilled with `--unet-from {more['from']}`, whose UNet had its second phase (and that"
-           f" row below) from that run, under torch {more['torch']}, and its first phase from `--unet-from"
-           f" {reused_unet['from']}`, under torch {reused_unet['torch']}; the command trains both first, with the same"
-           " seeds." if reused_unet and more_earlier else
-           f" The fast UNet was distilled with `--unet-from {reused_unet['from']}`: the UNet"
-           + ("'s first phase" if more else "")
-           + f" (and its row below) is that run's, under torch {reused_unet['torch']}; the command trains it first, with"
-           " the same seeds." if reused_unet else "")
+        + _reused_unet_sentence(reused_unet, more, more_earlier)
         + (" The sampling defaults (" + ", ".join(f"`{_flag(k, v)}`" for k, v in tuned_after.items())
            + ") were chosen after this run, on tuning captions (held-aside from 200 on, not the reported 200; README),"
            " and written into its `flashtile.json`; the flags write the same file." if tuned_after else ""),
