@@ -12,7 +12,7 @@ from stages.generate import BaseGenerator, make_scheduler
 from stages.models import ModelDir
 from toyworld.config import Config
 from toyworld.distill import _ddim_step, distill_fast_unet, fast_timesteps, student_targets
-from toyworld.train import make_unet, scheduler_config
+from toyworld.train import deepen_unet, make_unet, scheduler_config
 
 
 def _abar(shift: float = 4.0) -> torch.Tensor:
@@ -80,10 +80,48 @@ def test_distillation_trains_a_copy_of_the_unet_and_leaves_the_teacher_as_it_was
     ("unet_more_steps", -1, "unet_more_steps must be between 0 (no second phase) and 20000; got -1"),
     ("unet_more_lr", 0.0, "unet_more_lr must be above 0 and at most 0.01; got 0.0"),
     ("unet_more_multi_share", 1.5, "unet_more_multi_share must be between 0 and 1 (a share of each batch); got 1.5"),
+    ("unet_more_depth", 3, "unet_more_depth must be 1 (the UNet as the first phase built it) or 2; got 3"),
 ])
 def test_training_config_bounds_the_fast_unets_settings(field, bad, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Config(**{field: bad})
+
+
+def test_a_deepened_unet_computes_what_it_was_until_its_new_layers_train(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from stages.models import with_coordinates
+
+    torch.manual_seed(0)
+    unet = make_unet(channels=(32, 32, 32), coordinates=True).eval()
+    with torch.no_grad():  # a trained UNet's own layers are not zero; these are random
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    deep = deepen_unet(unet)
+    # One more transformer layer at 16x16 (down and up), 8x8 down and the mid block; 8x8 up stays at one.
+    layers = lambda block: [len(a.transformer_blocks) for a in block.attentions]  # noqa: E731
+    assert [layers(deep.down_blocks[1]), layers(deep.down_blocks[2]), layers(deep.mid_block)] == [[2], [2], [2]]
+    assert [layers(deep.up_blocks[0]), layers(deep.up_blocks[1])] == [[1, 1], [2, 2]]
+    assert not deep.training and getattr(deep, "_flashtile_coordinates", False)  # in the mode `unet` was in
+    x, t, ctx = torch.randn(2, 8, 32, 32), torch.tensor([100, 900]), torch.randn(2, 77, 384)
+    with torch.no_grad():
+        torch.testing.assert_close(deep.eval()(x, t, encoder_hidden_states=ctx).sample,
+                                   unet(x, t, encoder_hidden_states=ctx).sample, rtol=0, atol=1e-6)
+    # The zeroed projections get gradients: one optimiser step moves the new layers and the output.
+    opt = torch.optim.SGD(deep.parameters(), lr=0.1)
+    deep.train()(x, t, encoder_hidden_states=ctx).sample.pow(2).mean().backward()
+    opt.step()
+    new_out = deep.down_blocks[1].attentions[0].transformer_blocks[1].attn2.to_out[0].weight
+    assert new_out.abs().sum() > 0
+    # Saved, it is an ordinary diffusers UNet: the pipeline loads it from its config like any other.
+    deep.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    again = with_coordinates(UNet2DConditionModel.from_pretrained(tmp_path / "unet")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, t, encoder_hidden_states=ctx).sample,
+                                   deep.eval()(x, t, encoder_hidden_states=ctx).sample)
+    with pytest.raises(ValueError, match="deepens a 3-level UNet with one transformer layer per block; got 3 levels "
+                                         r"and transformer_layers_per_block \[1, 2, 2\]"):
+        deepen_unet(deep)
 
 
 @pytest.fixture(scope="module")
@@ -130,15 +168,19 @@ def test_an_optional_unet_role_must_be_known(tiny_with_fast, tmp_path):
         ModelDir(copy)
 
 
-def _card(tmp_path, log: dict, fast_unet: bool = False):
-    """The model card of a copy of the shipped weights with `log` as its train_log.json: (text, command, table rows)."""
+def _card(tmp_path, log: dict, fast_unet: bool = False, unet_layers=None):
+    """The model card of a copy of the shipped weights with `log` as its train_log.json: (text, command, table rows).
+    `unet_layers`: the copy's UNet config says this many transformer layers per block (as `deepen_unet` writes them)."""
     import json
 
     from stages.models import DEFAULT_WEIGHTS
     from toyworld import card
 
     run = tmp_path / "run"
-    shutil.copytree(DEFAULT_WEIGHTS, run)
+    shutil.copytree(DEFAULT_WEIGHTS, run, dirs_exist_ok=True)
+    if unet_layers is not None:
+        unet_config = json.loads((run / "unet" / "config.json").read_text())
+        (run / "unet" / "config.json").write_text(json.dumps(unet_config | {"transformer_layers_per_block": unet_layers}))
     if fast_unet:
         shutil.copytree(run / "unet", run / "fast" / "unet", dirs_exist_ok=True)
     (run / "train_log.json").write_text(json.dumps(log))
@@ -259,6 +301,13 @@ def test_model_card_of_a_run_that_added_a_second_unet_phase(tmp_path):
     total = (951.0 - 100.0 + wall["vae"] + wall["upscaler"] - 1.0 + 3000.0) / 60  # the phase is in this run's total
     assert f"**{total:.1f} min**" in text
     assert re.search(r"Final losses \(mean of the last 50 steps\): vae [\d.]+, unet 0\.0150, unet_more 0\.0035, upscaler", text)
+
+    # The same phase on a deepened UNet (--unet-more-depth 2): the command, the phase's row and the UNet's row say so.
+    for layers, depth in ((1, 1), ([1, 2, 2], 2)):
+        text, command, rows = _card(tmp_path, log | {"config": cfg | {"unet_more_depth": depth}}, unet_layers=layers)
+        assert ("--unet-more-depth 2" in command) == (depth == 2)
+        assert ("deepened at its start: the new transformer layers begin as the identity" in rows["UNet, second phase"]) == (depth == 2)
+        assert ("(32-d heads), two transformer layers at 16x16 and in the 8x8 down and mid blocks" in text) == (depth == 2)
 
 
 def test_reusing_a_unet_carries_its_second_phase_and_that_phases_curve_once(tmp_path):

