@@ -95,7 +95,7 @@ def deepen_unet(unet):
     Each new layer's output projections (both attentions' and the feed-forward's) start at zero, so the new UNet
     computes what `unet` does until training moves them. The 8x8 up blocks keep one layer: with them, the UNet and
     the fast UNet copied from it would pass the 50 MB cap of the committed weights."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import Transformer2DModel, UNet2DConditionModel
 
     from stages.models import with_coordinates
 
@@ -110,15 +110,14 @@ def deepen_unet(unet):
     }
     deep = UNet2DConditionModel.from_config(config)
     missing, unexpected = deep.load_state_dict(unet.state_dict(), strict=False)
-    new = [name for name, m in deep.named_modules() if name.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]
-           and not name.endswith(".0")]
-    if unexpected or not all(any(k.startswith(n + ".") for n in new) for k in missing):
+    if unexpected or any(".transformer_blocks.1." not in k for k in missing):  # only the new layers start fresh
         raise RuntimeError(f"deepen_unet: unexpected keys {unexpected}, missing keys outside the new layers {missing}")
-    for name in new:
-        block = deep.get_submodule(name)
-        for proj in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[2]):
-            torch.nn.init.zeros_(proj.weight)
-            torch.nn.init.zeros_(proj.bias)
+    for attention in deep.modules():
+        if isinstance(attention, Transformer2DModel):
+            for block in attention.transformer_blocks[1:]:
+                for proj in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[2]):
+                    torch.nn.init.zeros_(proj.weight)
+                    torch.nn.init.zeros_(proj.bias)
     return with_coordinates(deep.train(unet.training))
 
 
