@@ -276,6 +276,32 @@ def test_a_second_unet_phase_trains_from_the_given_unet_and_leaves_it_as_it_was(
     assert getattr(ema, "_flashtile_coordinates", False)
 
 
+def test_a_swap_weighted_second_phase_adds_fixed_colour_swap_pairs_to_every_batch():
+    from toyworld.train import PAIRS, Twins, train_unet
+
+    torch.manual_seed(0)
+    first = make_unet(channels=(32, 32, 32), coordinates=True).eval().requires_grad_(False)
+    cfg = Config(unet_steps=3, unet_batch=2, unet_lr=1e-3, noise_shift=4.0, unet_dtype="float32", ema_decay=0.5)
+    latents, embeds, empty = torch.randn(6, 8, 32, 32), torch.randn(6, 77, 384), torch.zeros(1, 77, 384)
+    twins = Twins(torch.tensor([-1, 0, -1, 1, -1, -1]), torch.randn(2, 8, 32, 32), torch.randn(2, 77, 384), 2.0)
+    seen = []
+    first.register_forward_pre_hook(lambda m, args, kw: seen.append((args[0].shape[0], kw["encoder_hidden_states"])),
+                                    with_kwargs=True)  # the hook comes along with the copy train_unet trains
+    ema, losses = train_unet(cfg, latents, embeds, empty, lambda m: None, start=first, twins=twins)
+    assert len(losses) == 3 and [n for n, _ in seen] == [2 + 2 * PAIRS] * 3  # one shape every step
+    for _, ctx in seen:  # [B + 2P, 77, 384]: each added scene is one that has a twin, and then that twin
+        scenes, twin_ctx = ctx[2:2 + PAIRS], ctx[2 + PAIRS:]
+        for a, b in zip(scenes, twin_ctx):
+            i = next(i for i in (1, 3) if torch.equal(a, embeds[i]))
+            assert torch.equal(b, twins.embeds[twins.row[i]])
+    # Without twins the batch is the plain one; with object weights as well, a clear refusal.
+    seen.clear()
+    train_unet(cfg, latents, embeds, empty, lambda m: None, start=first)
+    assert [n for n, _ in seen] == [2] * 3
+    with pytest.raises(ValueError, match="unet_more_swap_weight and unet_object_weight cannot be combined"):
+        train_unet(cfg, latents, embeds, empty, lambda m: None, None, torch.ones(6, 1, 32, 32), start=first, twins=twins)
+
+
 def test_model_card_of_a_run_that_added_a_second_unet_phase(tmp_path):
     import json
 
@@ -308,6 +334,13 @@ def test_model_card_of_a_run_that_added_a_second_unet_phase(tmp_path):
         assert ("--unet-more-depth 2" in command) == (depth == 2)
         assert ("deepened at its start: the new transformer layers begin as the identity" in rows["UNet, second phase"]) == (depth == 2)
         assert ("(32-d heads), two transformer layers at 16x16 and in the 8x8 down and mid blocks" in text) == (depth == 2)
+
+    # The same phase with colour-swap pairs (--unet-more-swap-weight): the command and the phase's row say so.
+    for weight in (0.0, 2.0):
+        text, command, rows = _card(tmp_path, log | {"config": cfg | {"unet_more_swap_weight": weight}})
+        assert ("--unet-more-swap-weight 2" in command) == (weight > 0)
+        assert ("plus 8 relation scenes a batch each with its colour-swap twin (same noise and timestep), the difference"
+                " of each pair's predictions fitted to that of its targets with weight 2, AdamW" in rows["UNet, second phase"]) == (weight > 0)
 
 
 def test_reusing_a_unet_carries_its_second_phase_and_that_phases_curve_once(tmp_path):

@@ -411,3 +411,84 @@ def test_noise_shift_divides_the_schedules_snr_and_every_sampler_reads_it():
     for bad in (0.5, 9.0):
         with pytest.raises(ValueError, match=re.escape(f"noise_shift must be between 1 (the plain cosine schedule) and 8; got {bad}")):
             Config(noise_shift=bad)
+
+
+def test_a_relation_scenes_colour_swap_twin_differs_only_in_which_colour_goes_with_which_object():
+    relations = [(s, c) for _, s, c in data.train_set(300) if s.kind == "relation"]
+    assert len(relations) > 50
+    for s, c in relations:
+        twin, text = data.swap_colors(s, c)
+        (a, b), (ta, tb) = s.objects, twin.objects
+        assert (ta.color, tb.color) == (b.color, a.color) != (a.color, b.color)
+        assert [(o.shape, o.size, o.cell, o.cx, o.cy, o.r) for o in twin.objects] == [
+            (o.shape, o.size, o.cell, o.cx, o.cy, o.r) for o in s.objects]
+        assert twin.background == s.background and twin.relation == s.relation
+        # The caption: the same words, but the two colour words trade places (and "a"/"an" follow them).
+        words = lambda t: sorted(re.sub(r"\ban\b", "a", t).split())  # noqa: E731
+        assert text != c and words(text) == words(c)
+        assert data.swap_colors(twin, text) == (s, c)
+    s, c = relations[0]
+    twin, _ = data.swap_colors(s, c)
+    img, twin_img = data.render(s).astype(int), data.render(twin).astype(int)
+    where = (img != twin_img).any(-1)  # [256, 256]: only the objects' pixels change
+    coverage = np.stack([data._mask(o, data.SIZE) for o in s.objects]).max(0)
+    assert where.any() and (coverage[where] > 0).all()
+    from dataclasses import replace
+
+    red_orange = data.Scene("relation", data.Background("plain", ("white",)),
+                            [replace(s.objects[0], color="red"), replace(s.objects[1], color="orange")], "above")
+    assert data.swap_colors(red_orange, "a crimson disc above an orange ring on white")[1] == \
+        "an orange disc above a crimson ring on white"
+    single = next(s for _, s, _ in data.train_set(50) if s.kind == "single")
+    with pytest.raises(ValueError, match="swap_colors needs a relation scene \\(two objects\\); got a 'single' scene"):
+        data.swap_colors(single, "a red disc")
+
+
+def test_the_pair_loss_weighs_only_the_difference_of_a_pairs_errors():
+    import torch
+
+    from toyworld.config import Config
+    from toyworld.train import PAIRS, loss_weights, pair_loss
+
+    cfg = Config(unet_loss_floor=0.03, noise_shift=4.0)
+    b = 4
+    torch.manual_seed(0)
+    target = torch.randn(b + 2 * PAIRS, 8, 4, 4)
+    snr = torch.rand(b + 2 * PAIRS) * 3
+    snr[b + PAIRS:] = snr[b:b + PAIRS]  # a pair shares its timestep
+    assert pair_loss(cfg, target.clone(), target, snr) == 0  # exact predictions
+    shared = torch.randn(PAIRS, 8, 4, 4)
+    same_error = target.clone()
+    same_error[b:b + PAIRS] += shared
+    same_error[b + PAIRS:] += shared  # each pair wrong by the same amount: nothing about the binding is wrong
+    assert pair_loss(cfg, same_error, target, snr) < 1e-12  # (float rounding)
+    assert pair_loss(cfg, target + torch.randn_like(target), target, snr) > 1e-3  # errors that differ within a pair
+    swapped = target.clone()  # a pair's two predictions exchanged: all of the error is in the difference
+    swapped[b:b + PAIRS], swapped[b + PAIRS:] = target[b + PAIRS:], target[b:b + PAIRS]
+    diff = 2 * (target[b + PAIRS:] - target[b:b + PAIRS])
+    want = (loss_weights(cfg, snr[b:b + PAIRS]) * (diff ** 2).mean(dim=(1, 2, 3))).sum() / b
+    torch.testing.assert_close(pair_loss(cfg, swapped, target, snr), want)
+    assert want > 0
+    with pytest.raises(ValueError, match=re.escape("unet_more_swap_weight must be between 0 (off) and 10; got 11")):
+        Config(unet_more_swap_weight=11)
+
+
+def test_colour_twins_are_the_relation_scenes_swapped_rendered_and_encoded_like_the_training_data():
+    import torch
+
+    from toyworld.config import Config
+    from toyworld.train import colour_twins, encode_latents, make_vae, text_encoder
+
+    assert colour_twins(Config(), None, 40, print) is None  # off by default: nothing rendered or encoded
+    torch.manual_seed(0)
+    vae = make_vae().eval().requires_grad_(False)
+    twins = colour_twins(Config(unet_more_swap_weight=2.0), vae, 40, lambda m: None)
+    samples = data.train_set(40)
+    relation = [i for i, (_, s, _) in enumerate(samples) if s.kind == "relation"]
+    assert twins.weight == 2.0 and relation and (twins.row >= 0).nonzero().squeeze(1).tolist() == relation
+    assert twins.row[relation].tolist() == list(range(len(relation)))
+    i = relation[-1]
+    twin, text = data.swap_colors(samples[i][1], samples[i][2])
+    want = encode_latents(vae, data.render(twin)[None]) * vae.config.scaling_factor
+    torch.testing.assert_close(twins.latents[twins.row[i]], want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(twins.embeds[twins.row[i]], text_encoder()._encode([text])[0][0][0])

@@ -55,6 +55,16 @@ def _reused_unet_sentence(reused_unet: dict, more: dict, more_earlier: bool) -> 
             " with the same seeds.")
 
 
+def _swap_pairs(cfg: dict) -> str:
+    """The second phase's colour-swap pairs (--unet-more-swap-weight), as words for its row; '' when off."""
+    if not (weight := cfg.get("unet_more_swap_weight", 0.0)):
+        return ""
+    from toyworld.train import PAIRS
+
+    return (f", plus {PAIRS} relation scenes a batch each with its colour-swap twin (same noise and timestep), the"
+            f" difference of each pair's predictions fitted to that of its targets with weight {weight:g}")
+
+
 def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     from toyworld.evaluate import table
 
@@ -182,7 +192,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     ] + ([
         f"| UNet, second phase (from the first's EMA weights"
         f"{', deepened at its start: the new transformer layers begin as the identity' if cfg.get('unet_more_depth', 1) == 2 else ''}, {100 * cfg['unet_more_multi_share']:.0f}% of each batch from the"
-        f" count and relation scenes, AdamW lr {cfg['unet_more_lr']:g}, cosine, seed {cfg['seed'] + 1}) | {more['steps_run']}"
+        f" count and relation scenes{_swap_pairs(cfg)}, AdamW lr {cfg['unet_more_lr']:g}, cosine, seed {cfg['seed'] + 1}) | {more['steps_run']}"
         f" | {cfg['unet_batch']} | {more['wall_s'] / 60:.1f} min |",
     ] if more else []) + ([
         f"| fast UNet (guided distillation: {cfg['fast_distill_trajectories']} teacher samples of {4 * cfg['fast_distill_substeps']}"

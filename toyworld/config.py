@@ -34,6 +34,7 @@ class Config:
     unet_more_lr: float = 2e-4  # the second phase's AdamW learning rate (warm-up and cosine, like the first)
     unet_more_multi_share: float = 0.0  # the second phase's unet_multi_share (0 to 1): its batches' share of count and relation scenes
     unet_more_depth: int = 1  # transformer layers per cross-attention block in the second phase (1 or 2): 2 adds one, starting as the identity, at 16x16 (down and up), 8x8 down and the mid block
+    unet_more_swap_weight: float = 0.0  # the second phase's colour-swap pair loss (0 to 10): each relation scene in a batch is joined by its twin with the two colours exchanged, under the same noise and timestep, and the difference of the two predictions is fitted to the difference of the two targets with this weight; 0: off
     ema_decay: float = 0.995
     cfg_dropout: float = 0.1  # share of captions replaced by the empty prompt (the pipeline's negative)
     guidance_fast: float = 5.0  # request defaults written to the model's flashtile.json (0 to 30; 5 = the pipeline's own);
@@ -74,6 +75,8 @@ class Config:
             raise ValueError(f"unet_more_steps must be between 0 (no second phase) and 20000; got {self.unet_more_steps}")
         if self.unet_more_depth not in (1, 2):
             raise ValueError(f"unet_more_depth must be 1 (the UNet as the first phase built it) or 2; got {self.unet_more_depth}")
+        if not 0.0 <= self.unet_more_swap_weight <= 10.0:
+            raise ValueError(f"unet_more_swap_weight must be between 0 (off) and 10; got {self.unet_more_swap_weight}")
         if not 0.0 < self.unet_more_lr <= 0.01:
             raise ValueError(f"unet_more_lr must be above 0 and at most 0.01; got {self.unet_more_lr}")
         if not 0.0 <= self.unet_loss_floor <= 1.0:

@@ -15,6 +15,7 @@ import random
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -152,16 +153,22 @@ def build_data(cfg: Config, log) -> dict:
     images = np.stack([data.render(s) for _, s, _ in samples])  # [N, 256, 256, 3] uint8
     log(f"rendered {len(samples)} scenes in {time.perf_counter() - t0:.0f}s")
     enc, captions = text_encoder(), [c for _, _, c in samples]
-    embeds = torch.empty(len(captions), 77, 384)  # [N, T, D]: the UNet's cross-attention context
-    for i in range(0, len(captions), 64):
-        rows = enc._encode(captions[i : i + 64])
-        embeds[i : i + len(rows)] = torch.cat([r[0] for r in rows])
+    embeds = encode_captions(enc, captions)
     empty = enc._encode([""])[0][0]  # [1, T, D]: the pipeline's negative (empty prompt) embedding
     log(f"encoded {len(captions)} captions in {time.perf_counter() - t0:.0f}s")
     cached.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cached.with_suffix(".tmp.npz"), images=images, embeds=embeds.numpy(), empty=empty.numpy())
     cached.with_suffix(".tmp.npz").rename(cached)
     return {"images": images, "embeds": embeds, "empty": empty}
+
+
+def encode_captions(enc, captions: list[str]) -> torch.Tensor:
+    """[N, 77, 384]: the UNet's cross-attention context of each caption, in batches of 64."""
+    embeds = torch.empty(len(captions), 77, 384)
+    for i in range(0, len(captions), 64):
+        rows = enc._encode(captions[i : i + 64])
+        embeds[i : i + len(rows)] = torch.cat([r[0] for r in rows])
+    return embeds
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -305,6 +312,52 @@ def _batch_scenes(cfg: Config, n: int, pools: tuple[torch.Tensor, torch.Tensor] 
     return torch.where(pick, several, single)
 
 
+class Twins(NamedTuple):
+    """Colour-swap twins of the relation scenes (`colour_twins`): what `train_unet` pairs each of them with."""
+    row: torch.Tensor  # [N] long: the twin of training scene i is row[i] of the two below; -1: none
+    latents: torch.Tensor  # [R, C, 32, 32], scaled like the training latents
+    embeds: torch.Tensor  # [R, 77, 384]
+    weight: float  # of the pair loss (`pair_loss`)
+
+
+def colour_twins(cfg: Config, vae, n: int, log) -> Twins | None:
+    """The twin of each relation scene among the first `n` training scenes (`data.swap_colors`: its colours
+    exchanged, in the picture and in the caption), or None (`unet_more_swap_weight` 0). A twin whose caption is one
+    of the held-aside captions is left out, like such a scene (`data.train_set`)."""
+    if cfg.unet_more_swap_weight <= 0:
+        return None
+    t0 = time.perf_counter()
+    held = {c for _, _, c in data.eval_set(1000)}
+    row, scenes, captions = torch.full((n,), -1), [], []
+    for i, (_, s, c) in enumerate(data.train_set(n)):
+        if s.kind == "relation" and (twin := data.swap_colors(s, c))[1] not in held:
+            row[i] = len(scenes)
+            scenes.append(twin[0])
+            captions.append(twin[1])
+    images = np.stack([data.render(s) for s in scenes])  # [R, 256, 256, 3] uint8
+    latents = encode_latents(vae, images) * vae.config.scaling_factor  # [R, C, 32, 32]
+    log(f"{len(scenes)} colour-swap twins rendered and encoded in {time.perf_counter() - t0:.0f}s")
+    return Twins(row, latents, encode_captions(text_encoder(), captions), cfg.unet_more_swap_weight)
+
+
+PAIRS = 8  # colour-swap pairs added to each batch of the second phase when unet_more_swap_weight > 0
+
+
+def pair_loss(cfg: Config, pred: torch.Tensor, target: torch.Tensor, snr: torch.Tensor) -> torch.Tensor:
+    """The colour-swap pair loss of a batch whose last 2 PAIRS samples are PAIRS relation scenes and then their twins
+    (same noise, same timestep): each pair's difference of predictions fitted to its difference of targets
+    ([B + 2P, C, H, W] -> scalar), weighted by timestep like `unet_loss` and divided by the batch size B.
+
+    Why: a pair shares its noise and timestep, so what the two scenes have in common cancels, and what is left is
+    which colour goes where: the binding the UNet gets wrong most (two objects drawn in one colour). Over the pair,
+    the error e1^2 + e2^2 is 2 s^2 + 2 a^2 (s, a: half the sum and half the difference of the two errors); this
+    adds 4 a^2 times the weight, so it weighs the binding error, and only it, more.
+    """
+    b, p = len(pred) - 2 * PAIRS, slice(len(pred) - 2 * PAIRS, len(pred) - PAIRS)
+    diff = (pred[p] - pred[-PAIRS:]) - (target[p] - target[-PAIRS:])  # [P, C, H, W]
+    return (loss_weights(cfg, snr[p]) * (diff ** 2).mean(dim=(1, 2, 3))).sum() / b
+
+
 def unet_autocast(cfg: Config):
     """The UNet's forward in the training's dtype (cfg.unet_dtype, resolved: "bfloat16" or "float32")."""
     return torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32")
@@ -325,12 +378,16 @@ def ema_step(opt, model, ema, loss: torch.Tensor, step: int, decay: float) -> fl
 
 
 def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: torch.Tensor, log, checkpoint=None,
-               pixel_weights: torch.Tensor | None = None, multi: torch.Tensor | None = None, start=None):
+               pixel_weights: torch.Tensor | None = None, multi: torch.Tensor | None = None, start=None,
+               twins: Twins | None = None):
     """v-prediction (min-SNR weighted or plain MSE), CFG dropout to the empty prompt; returns the EMA of the weights.
 
     `pixel_weights` ([N, 1, 32, 32], from `object_weights`) weigh each latent pixel's squared error (`unet_loss`);
     `multi` ([N] bool, from `multi_scenes`) marks the scenes `unet_multi_share` of each batch is drawn from;
-    `start`, a trained UNet, is where the weights (and their EMA) begin instead of a fresh one (left as it was)."""
+    `start`, a trained UNet, is where the weights (and their EMA) begin instead of a fresh one (left as it was);
+    `twins` (from `colour_twins`) adds PAIRS relation scenes and their colour-swap twins to each batch (`pair_loss`)."""
+    if twins is not None and pixel_weights is not None:
+        raise ValueError("unet_more_swap_weight and unet_object_weight cannot be combined; got both above 0")
     import copy
 
     from diffusers import DDIMScheduler
@@ -356,6 +413,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         return cfg.unet_lr * min(1.0, (step + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     pools = _scene_pools(multi)  # once, not every step
+    paired = None if twins is None else torch.nonzero(twins.row >= 0).squeeze(1)  # [R] scenes that have a twin
     losses, started = [], time.perf_counter()
     for step in range(cfg.unet_steps):
         elapsed = time.perf_counter() - started
@@ -376,11 +434,20 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         if cfg.unet_high_noise > 0:  # (0: no extra draws, so the random stream of earlier recipes is unchanged)
             high = torch.rand(cfg.unet_batch, generator=g) < cfg.unet_high_noise
             t = torch.where(high, torch.randint(cfg.unet_high_noise_from, 1000, (cfg.unet_batch,), generator=g), t)
+        if twins is not None:  # PAIRS relation scenes join the batch, each with its twin under the same noise and t
+            pick = paired[torch.randint(0, len(paired), (PAIRS,), generator=g)]  # [P] training scenes that have a twin
+            r, pair_noise = twins.row[pick], torch.randn((PAIRS, *x0.shape[1:]), generator=g)
+            pair_t = torch.randint(0, 1000, (PAIRS,), generator=g)
+            x0 = torch.cat([x0, latents[pick], twins.latents[r]])  # [B + 2P, C, 32, 32]: a fixed shape every step
+            ctx = torch.cat([ctx, embeds[pick], twins.embeds[r]])
+            noise, t = torch.cat([noise, pair_noise, pair_noise]), torch.cat([t, pair_t, pair_t])
         xt = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
         with unet_autocast(cfg):
-            pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B, C, 32, 32]; weights stay float32
+            pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B (+ P), C, 32, 32]; weights stay float32
         loss = unet_loss(cfg, pred, target, snr[t], None if pixel_weights is None else pixel_weights[idx])
+        if twins is not None:
+            loss = loss + twins.weight * pair_loss(cfg, pred, target, snr[t])
         losses.append(ema_step(opt, unet, ema, loss, step, cfg.ema_decay))
         if step % 25 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step}/{cfg.unet_steps} loss {np.mean(losses[-25:]):.4f}")
@@ -660,7 +727,8 @@ def train(out: Path, cfg: Config) -> dict:
             unet = deepen_unet(unet)
             log(f"UNet deepened for the second phase: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
         unet, more_losses = train_unet(more, latents, d["embeds"], d["empty"], log, None, object_weights(more, len(latents)),
-                                       multi_scenes(more, len(latents)), start=unet)
+                                       multi_scenes(more, len(latents)), start=unet,
+                                       twins=colour_twins(cfg, vae, len(latents), log))
         unet.save_pretrained(out / "unet", safe_serialization=True)
         record["unet_more"] = {"steps_run": len(more_losses), "wall_s": round(time.perf_counter() - t, 1)}  # curve: losses
 
