@@ -469,6 +469,16 @@ def test_the_pair_loss_weighs_only_the_difference_of_a_pairs_errors():
     want = (loss_weights(cfg, snr[b:b + PAIRS]) * (diff ** 2).mean(dim=(1, 2, 3))).sum() / b
     torch.testing.assert_close(pair_loss(cfg, swapped, target, snr), want)
     assert want > 0
+    # The batch's loss: the B scenes weigh what they would alone, and the pairs add to it.
+    from toyworld.train import swap_batch_loss, unet_loss
+
+    cfg_b = Config(unet_loss_floor=0.03, noise_shift=4.0, unet_batch=b)
+    scenes_only = target.clone()
+    scenes_only[:b] += torch.randn(b, 8, 4, 4)  # wrong only on the B scenes; the pairs exact
+    torch.testing.assert_close(swap_batch_loss(cfg_b, scenes_only, target, snr, 2.0),
+                               unet_loss(cfg_b, scenes_only[:b], target[:b], snr[:b]))
+    torch.testing.assert_close(swap_batch_loss(cfg_b, swapped, target, snr, 2.0),
+                               unet_loss(cfg_b, swapped, target, snr) * (b + 2 * PAIRS) / b + 2.0 * want)
     with pytest.raises(ValueError, match=re.escape("unet_more_swap_weight must be between 0 (off) and 10; got 11")):
         Config(unet_more_swap_weight=11)
 

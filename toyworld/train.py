@@ -358,6 +358,13 @@ def pair_loss(cfg: Config, pred: torch.Tensor, target: torch.Tensor, snr: torch.
     return (loss_weights(cfg, snr[p]) * (diff ** 2).mean(dim=(1, 2, 3))).sum() / b
 
 
+def swap_batch_loss(cfg: Config, pred: torch.Tensor, target: torch.Tensor, snr: torch.Tensor, weight: float) -> torch.Tensor:
+    """The loss of a batch of B scenes plus PAIRS pairs ([B + 2P, C, H, W]): `unet_loss` summed over every sample and
+    divided by B, so the pairs add to what the B scenes teach rather than dilute it (a mean over B + 2P samples
+    gave each of them two thirds of its weight: the first run of this option, README), plus `pair_loss` x weight."""
+    return unet_loss(cfg, pred, target, snr) * len(pred) / cfg.unet_batch + weight * pair_loss(cfg, pred, target, snr)
+
+
 def unet_autocast(cfg: Config):
     """The UNet's forward in the training's dtype (cfg.unet_dtype, resolved: "bfloat16" or "float32")."""
     return torch.autocast("cpu", dtype=getattr(torch, cfg.unet_dtype), enabled=cfg.unet_dtype != "float32")
@@ -445,9 +452,10 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         target = noise_sched.get_velocity(x0, noise, t)
         with unet_autocast(cfg):
             pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B (+ P), C, 32, 32]; weights stay float32
-        loss = unet_loss(cfg, pred, target, snr[t], None if pixel_weights is None else pixel_weights[idx])
-        if twins is not None:
-            loss = loss + twins.weight * pair_loss(cfg, pred, target, snr[t])
+        if twins is None:
+            loss = unet_loss(cfg, pred, target, snr[t], None if pixel_weights is None else pixel_weights[idx])
+        else:
+            loss = swap_batch_loss(cfg, pred, target, snr[t], twins.weight)
         losses.append(ema_step(opt, unet, ema, loss, step, cfg.ema_decay))
         if step % 25 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step}/{cfg.unet_steps} loss {np.mean(losses[-25:]):.4f}")
