@@ -34,7 +34,7 @@ class Config:
     unet_more_lr: float = 2e-4  # the second phase's AdamW learning rate (warm-up and cosine, like the first)
     unet_more_multi_share: float = 0.0  # the second phase's unet_multi_share (0 to 1): its batches' share of count and relation scenes
     unet_more_depth: int = 1  # transformer layers per cross-attention block in the second phase (1 or 2): 2 adds one, starting as the identity, at 16x16 (down and up), 8x8 down and the mid block
-    unet_more_swap_weight: float = 0.0  # the second phase's colour-swap pair loss (0 to 10): each relation scene in a batch is joined by its twin with the two colours exchanged, under the same noise and timestep, and the difference of the two predictions is fitted to the difference of the two targets with this weight; 0: off
+    unet_more_swap_weight: float = 0.0  # the second phase's colour-swap pair loss (0 to 10): 8 relation scenes a batch, each with its twin (the two colours exchanged) under the same noise and timestep, and each pair's difference of predictions fitted to its difference of targets with this weight; 0: off
     ema_decay: float = 0.995
     cfg_dropout: float = 0.1  # share of captions replaced by the empty prompt (the pipeline's negative)
     guidance_fast: float = 5.0  # request defaults written to the model's flashtile.json (0 to 30; 5 = the pipeline's own);

@@ -451,7 +451,7 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
         xt = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
         with unet_autocast(cfg):
-            pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B (+ P), C, 32, 32]; weights stay float32
+            pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B (+ 2P), C, 32, 32]; weights stay float32
         if twins is None:
             loss = unet_loss(cfg, pred, target, snr[t], None if pixel_weights is None else pixel_weights[idx])
         else:
