@@ -481,6 +481,8 @@ def test_the_pair_loss_weighs_only_the_difference_of_a_pairs_errors():
                                unet_loss(cfg_b, swapped, target, snr) * (b + 2 * PAIRS) / b + 2.0 * want)
     with pytest.raises(ValueError, match=re.escape("unet_more_swap_weight must be between 0 (off) and 10; got 11")):
         Config(unet_more_swap_weight=11)
+    with pytest.raises(ValueError, match=re.escape("unet_more_swap_weight and unet_object_weight cannot be combined; got 2.0 and 3.0")):
+        Config(unet_more_swap_weight=2.0, unet_object_weight=3.0)  # refused before any data is built
 
 
 def test_colour_twins_are_the_relation_scenes_swapped_rendered_and_encoded_like_the_training_data():

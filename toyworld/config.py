@@ -77,6 +77,9 @@ class Config:
             raise ValueError(f"unet_more_depth must be 1 (the UNet as the first phase built it) or 2; got {self.unet_more_depth}")
         if not 0.0 <= self.unet_more_swap_weight <= 10.0:
             raise ValueError(f"unet_more_swap_weight must be between 0 (off) and 10; got {self.unet_more_swap_weight}")
+        if self.unet_more_swap_weight > 0 and self.unet_object_weight > 0:
+            raise ValueError("unet_more_swap_weight and unet_object_weight cannot be combined; got "
+                             f"{self.unet_more_swap_weight} and {self.unet_object_weight} (set one of them to 0)")
         if not 0.0 < self.unet_more_lr <= 0.01:
             raise ValueError(f"unet_more_lr must be above 0 and at most 0.01; got {self.unet_more_lr}")
         if not 0.0 <= self.unet_loss_floor <= 1.0:

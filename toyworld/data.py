@@ -333,9 +333,14 @@ def eval_set(n: int = 200) -> list[tuple[int, Scene, str]]:
     return [(seed, *sample(seed)) for seed in range(EVAL_SEED0, EVAL_SEED0 + n)]
 
 
+def held_captions(eval_n: int = 1000) -> set[str]:
+    """The captions of the first `eval_n` eval seeds: no training caption is one of them."""
+    return {c for _, _, c in eval_set(eval_n)}
+
+
 def train_set(n: int, eval_n: int = 1000) -> list[tuple[int, Scene, str]]:
     """`n` training samples from TRAIN_SEED0 on, skipping any caption of the first `eval_n` eval seeds."""
-    held = {c for _, _, c in eval_set(eval_n)}
+    held = held_captions(eval_n)
     out, seed = [], TRAIN_SEED0
     while len(out) < n:
         s, c = sample(seed)

@@ -327,7 +327,7 @@ def colour_twins(cfg: Config, vae, n: int, log) -> Twins | None:
     if cfg.unet_more_swap_weight <= 0:
         return None
     t0 = time.perf_counter()
-    held = {c for _, _, c in data.eval_set(1000)}
+    held = data.held_captions()
     row, scenes, captions = torch.full((n,), -1), [], []
     for i, (_, s, c) in enumerate(data.train_set(n)):
         if s.kind == "relation" and (twin := data.swap_colors(s, c))[1] not in held:
@@ -362,7 +362,7 @@ def swap_batch_loss(cfg: Config, pred: torch.Tensor, target: torch.Tensor, snr: 
     """The loss of a batch of B scenes plus PAIRS pairs ([B + 2P, C, H, W]): `unet_loss` summed over every sample and
     divided by B, so the pairs add to what the B scenes teach rather than dilute it (a mean over B + 2P samples
     gave each of them two thirds of its weight: the first run of this option, README), plus `pair_loss` x weight."""
-    return unet_loss(cfg, pred, target, snr) * len(pred) / cfg.unet_batch + weight * pair_loss(cfg, pred, target, snr)
+    return unet_loss(cfg, pred, target, snr) * len(pred) / (len(pred) - 2 * PAIRS) + weight * pair_loss(cfg, pred, target, snr)
 
 
 def unet_autocast(cfg: Config):
