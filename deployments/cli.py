@@ -198,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="prompt adherence of a model on held-aside toy-world captions, fast and quality")
-    ev.add_argument("--model", help="model directory (default: the embedded default)")
+    ev.add_argument("--model", help="model directory or `flashtile train` output folder (default: the embedded default)")
     ev.add_argument("-n", type=int, default=200, help="number of held-aside captions")
+    ev.add_argument("--first", type=int, default=0, help="first held-aside caption: 0 the reported set, 200 the tuning set")
     ev.add_argument("--modes", default="quality,fast")
     ev.add_argument("--validate", type=int, default=1000, help="rendered ground-truth scenes to validate the checker on")
     ev.add_argument("--json", help="also write the results as JSON here")

