@@ -144,6 +144,15 @@ def test_eval_scores_a_training_runs_folder_on_the_tuning_captions(tmp_path):
     assert sum(row["n"] for row in result["modes"]["fast"]["by_kind"].values()) == 3
     assert {k for k in result["modes"]["fast"]["by_kind"]} == {s.kind for _, s, _ in tuning}
     assert "Scored on held-aside captions 200-202." in evaluate.table(result)
+    # The command does the same: a run's folder, the tuning captions, the JSON.
+    import json
+
+    from deployments.cli import main
+
+    assert main(["eval", "--model", str(run), "--first", "200", "-n", "1", "--modes", "fast", "--validate", "0",
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    scored = json.loads((tmp_path / "eval.json").read_text())["eval"]
+    assert scored["first"] == 200 and scored["n"] == 1 and not scored["modes"]["fast"]["fast_unet"]
     # An incomplete folder is refused, naming the missing file.
     (run / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(ValueError, match="unet/diffusion_pytorch_model.safetensors is missing"):

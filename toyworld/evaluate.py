@@ -460,14 +460,15 @@ def main(args) -> int:
     validation = validate(args.validate) if args.validate else None
     if validation is not None:
         print(f"checker validated on {validation['n']} ground-truth scenes in {time.perf_counter() - t0:.0f}s", flush=True)
+    # (A training run's folder is assembled in `scratch`, kept while the model is in use.)
     with tempfile.TemporaryDirectory(prefix="flashtile-eval-") as scratch:
         flashtile = load(args.model, Path(scratch))
-    modes = tuple(m for m in args.modes.split(",") if m)
-    result = run(flashtile, args.n, modes, log=lambda m: print(m, flush=True), first=args.first)
-    print(table(result, validation))
-    if args.json:
-        clean = {k: v for k, v in result.items() if not k.startswith("_")}
-        Path(args.json).write_text(json.dumps({"eval": clean, "validation": validation}, indent=1) + "\n")
-    if args.grid:
-        example_grid(flashtile, GRID_PROMPTS, Path(args.grid))
+        modes = tuple(m for m in args.modes.split(",") if m)
+        result = run(flashtile, args.n, modes, log=lambda m: print(m, flush=True), first=args.first)
+        print(table(result, validation))
+        if args.json:
+            clean = {k: v for k, v in result.items() if not k.startswith("_")}
+            Path(args.json).write_text(json.dumps({"eval": clean, "validation": validation}, indent=1) + "\n")
+        if args.grid:
+            example_grid(flashtile, GRID_PROMPTS, Path(args.grid))
     return 0
