@@ -328,9 +328,9 @@ def sample(seed: int) -> tuple[Scene, str]:
     return s, caption(s, seed)
 
 
-def eval_set(n: int = 200) -> list[tuple[int, Scene, str]]:
-    """The held-aside evaluation captions: seeds EVAL_SEED0 .. EVAL_SEED0 + n - 1."""
-    return [(seed, *sample(seed)) for seed in range(EVAL_SEED0, EVAL_SEED0 + n)]
+def eval_set(n: int = 200, first: int = 0) -> list[tuple[int, Scene, str]]:
+    """`n` held-aside evaluation captions from the `first`: seeds EVAL_SEED0 + first .. EVAL_SEED0 + first + n - 1."""
+    return [(seed, *sample(seed)) for seed in range(EVAL_SEED0 + first, EVAL_SEED0 + first + n)]
 
 
 HELD_N = 1000  # the eval seeds whose captions training never sees: the reported set, the tuning set and spare
