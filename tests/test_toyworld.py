@@ -167,6 +167,15 @@ def test_eval_refuses_a_caption_range_outside_the_held_aside_set(first, n):
         main(["eval", "--first", str(first), "-n", str(n), "--validate", "0"])
 
 
+@pytest.mark.parametrize("modes", ["qualty", "fast,slow", ","])
+def test_eval_refuses_unknown_modes_before_any_model_work(modes, monkeypatch):
+    from deployments.cli import main
+
+    monkeypatch.setattr(evaluate, "load", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match="eval --modes is a comma-separated list of fast, quality; got"):
+        main(["eval", "--modes", modes, "--validate", "0"])
+
+
 ORDER_PAIRS = [  # one caption per two-colour background kind; the test also draws it with the colours swapped
     ("vgradient", "a gradient from {} at the top to {} at the bottom", ("blue", "yellow")),
     ("hgradient", "a red circle on a gradient from {} on the left to {} on the right", ("white", "green")),

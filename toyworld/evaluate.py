@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from stages.sizes import MODES
 from toyworld import data
 
 ATTRIBUTES = ("background", "count", "colour", "shape", "position")
@@ -461,13 +462,15 @@ def main(args) -> int:
     if args.first < 0 or args.n < 1 or args.first + args.n > data.HELD_N:
         raise ValueError(f"eval needs first >= 0, n >= 1 and first + n <= {data.HELD_N} (the held-aside captions);"
                          f" got first {args.first}, n {args.n}")
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or set(modes) - set(MODES):  # (before the checker's validation and the model's load, minutes here)
+        raise ValueError(f"eval --modes is a comma-separated list of {', '.join(MODES)}; got {args.modes!r}")
     validation = validate(args.validate) if args.validate else None
     if validation is not None:
         print(f"checker validated on {validation['n']} ground-truth scenes in {time.perf_counter() - t0:.0f}s", flush=True)
     # (A training run's folder is assembled in `scratch`, kept while the model is in use.)
     with tempfile.TemporaryDirectory(prefix="flashtile-eval-") as scratch:
         flashtile = load(args.model, Path(scratch))
-        modes = tuple(m for m in args.modes.split(",") if m)
         result = run(flashtile, args.n, modes, log=lambda m: print(m, flush=True), first=args.first)
         print(table(result, validation))
         if args.json:
