@@ -72,7 +72,7 @@ def make_unet(latent_channels: int = 8, pooled_text: bool = False, channels: tup
 
     # The caption, attention-pooled over its tokens, can also be added to the timestep embedding (a diffusers
     # option that needs no extra inputs, so the pipeline runs it like any other UNet): every ResNet block, the
-    # 32x32 ones without cross-attention included, then sees it. Off in the shipped recipe (README: recipe experiments).
+    # 32x32 ones without cross-attention included, then sees it. Off in the shipped recipe (toyworld/EXPERIMENTS.md).
     pooled = dict(addition_embed_type="text", addition_embed_type_num_heads=6) if pooled_text else {}
     cross = len(channels) - 1
     # With `coordinates`, two more input channels: where in the frame each pixel is (stages/models.py appends them).
@@ -303,7 +303,7 @@ def _scene_pools(multi: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor
 def _batch_scenes(cfg: Config, n: int, pools: tuple[torch.Tensor, torch.Tensor] | None, g: torch.Generator) -> torch.Tensor:
     """[B] indices of the scenes of one UNet batch: uniform, or `unet_multi_share` of them from the multi pool
     (`_scene_pools`). Why: counting two or three and keeping each colour on its own object is where the UNet fails
-    most (README, "Recipe experiments"); drawing those scenes more often gives them more of the steps."""
+    most (toyworld/EXPERIMENTS.md); drawing those scenes more often gives them more of the steps."""
     if pools is None:  # (no extra draws, so the random stream of earlier recipes is unchanged)
         return torch.randint(0, n, (cfg.unet_batch,), generator=g)
     pick = torch.rand(cfg.unet_batch, generator=g) < cfg.unet_multi_share
@@ -361,7 +361,7 @@ def pair_loss(cfg: Config, pred: torch.Tensor, target: torch.Tensor, snr: torch.
 def swap_batch_loss(cfg: Config, pred: torch.Tensor, target: torch.Tensor, snr: torch.Tensor, weight: float) -> torch.Tensor:
     """The loss of a batch of B scenes plus PAIRS pairs ([B + 2P, C, H, W]): `unet_loss` summed over every sample and
     divided by B, so the pairs add to what the B scenes teach rather than dilute it (a mean over B + 2P samples
-    gave each of them two thirds of its weight: the first run of this option, README), plus `pair_loss` x weight."""
+    gave each of them two thirds of its weight: the first run of this option, toyworld/EXPERIMENTS.md), plus `pair_loss` x weight."""
     return unet_loss(cfg, pred, target, snr) * len(pred) / (len(pred) - 2 * PAIRS) + weight * pair_loss(cfg, pred, target, snr)
 
 
