@@ -23,6 +23,8 @@ def _generate(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "guidance_scale": args.guidance,
         "scheduler": args.scheduler,
+        # The file's suffix picks the format: .jpg/.jpeg, .webp, else PNG.
+        "output_format": {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(Path(args.output).suffix.lower(), "png"),
     }
     # 1. Validate before loading anything: bad input costs no model work.
     try:
@@ -34,7 +36,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from stages.pipeline import Flashtile
-    from stages.png import encode_png
+    from stages.imagefile import encode_image
 
     # 2. Load the model (the embedded default unless --model names a directory).
     started = time.perf_counter()
@@ -66,7 +68,7 @@ def _generate(args: argparse.Namespace) -> int:
     for bar in bars.values():
         bar.close()
 
-    # 4. Write the PNG with its provenance in text chunks (no timings: same request -> same bytes).
+    # 4. Write the file with its provenance (PNG text chunks, JPEG/WebP EXIF) (no timings: same request -> same bytes).
     text = {
         "prompt": params.prompt,
         "negative_prompt": params.negative_prompt,
@@ -86,7 +88,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     request_id = hashlib.sha256(json.dumps(text, sort_keys=True, default=str).encode()).hexdigest()[:12]
     text["request_id"] = request_id
-    Path(args.output).write_bytes(encode_png(result.image, text, request_id=request_id))
+    Path(args.output).write_bytes(encode_image(result.image, text, request_id=request_id, output_format=request.output_format))
     timings = " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items())
     print(
         f"wrote {args.output}: {result.width}x{result.height} seed={params.seed} mode={params.mode} "
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = sub.add_parser("generate", help="generate one image in this process (all four stages)")
     gen.add_argument("prompt")
-    gen.add_argument("-o", "--output", default="out.png", help="PNG file to write")
+    gen.add_argument("-o", "--output", default="out.png", help="file to write: PNG, or JPEG / WebP by its suffix")
     gen.add_argument("--size", choices=TIERS, default="1k")
     gen.add_argument("--aspect", choices=ASPECTS, default="1:1")
     gen.add_argument("--mode", choices=MODES)

@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
 from deployments.schemas import (
+    MEDIA_TYPES,
     GenerateRequest,
     GenerateResult,
     ImageData,
@@ -44,7 +45,7 @@ from deployments.storage import LocalOutputStore, OutputStore, StorageError
 from stages import sizes
 from stages.pipeline import REFINE_BUDGET, guidance_for, resolve_params
 from stages import watermark
-from stages.png import encode_png
+from stages.imagefile import encode_image, encode_png
 from stages.refine import blend_tiles, select_tiles
 from stages.upscale import TiledUpscale, resize
 
@@ -105,11 +106,17 @@ _in_flight = 0  # requests inside this ingress replica (one event loop: no lock 
 async def _count(request: Request, call_next):
     global _in_flight
     m, route, start, status = metrics.get(), metrics.route_label(request.url.path), time.perf_counter(), 500
+    cpu = time.process_time()
     _in_flight += 1
     m.in_flight.set(_in_flight)
     try:
         response = await call_next(request)
         status = response.status_code
+        # Server-Timing (browsers' dev tools and `make bench` read it): this replica's wall and CPU time for the
+        # request, the CPU time being the whole replica's (exact when it serves one request at a time).
+        ingress = f"ingress;dur={(time.perf_counter() - start) * 1000:.1f}, ingress-cpu;dur={(time.process_time() - cpu) * 1000:.1f}"
+        stages = response.headers.get("Server-Timing")
+        response.headers["Server-Timing"] = f"{stages}, {ingress}" if stages else ingress
         return response
     finally:
         _in_flight -= 1
@@ -339,7 +346,7 @@ class Ingress:
             up = info["upscaler"]
             geometry = TiledUpscale(up["scale"], up["tile_size"], up["overlap"])
             passes = geometry.plan((image.shape[-1], image.shape[-2]), sizes.output_size(params.size, params.aspect_ratio, 0))
-            total, done, seen = geometry.count_tiles(passes), 0, set()
+            total, done, seen, compute = geometry.count_tiles(passes), 0, set(), 0.0
             for p in passes:
                 if p.kind == "resize":
                     image = resize(image, p.size)
@@ -353,7 +360,9 @@ class Ingress:
                         yield {"event": "progress", "stage": "upscale", "step": done, "total": total}
                 image = geometry.merge(tiles, (image.shape[-1], image.shape[-2]))
                 seen |= {t.meta["replica"] for t in tiles}
+                compute += sum(t.meta.get("compute_s", 0.0) for t in tiles)
             timings["upscale"] = time.perf_counter() - t0
+            timings["upscale_compute"] = compute  # summed over tiles, whichever replica ran them
             steps["upscale_tiles"], replicas["upscaler"] = done, sorted(seen)
 
             # 4. Refine the most detailed tiles, each on whichever refiner replica is free.
@@ -374,27 +383,31 @@ class Ingress:
                 tile.result = refined[tile.index].result
             image = blend_tiles(image, chosen, ref["overlap"])
             timings["refine"] = time.perf_counter() - t0
+            timings["refine_compute"] = sum(t.meta.get("compute_s", 0.0) for t in refined.values())
             steps["refine_tiles"] = len(chosen)
             steps["refine_steps_per_tile"] = next(iter(refined.values())).meta["steps"] if refined else 0
             replicas["refiner"] = sorted({t.meta["replica"] for t in refined.values()})
 
-        # 5. Watermark and encode the PNG (the only full-size encode in the DAG), off the event loop.
+        # 5. Watermark and encode the file (the only full-size encode in the DAG), off the event loop.
         t0 = time.perf_counter()
         embeds_result = await calls.wait(embeds)
-        png = await asyncio.to_thread(encode_png, image.clamp(0, 1), request_id=request_id, text={
+        fmt = request.output_format
+        data = await asyncio.to_thread(
+            encode_image, image.clamp(0, 1), request_id=request_id, output_format=fmt,
+            compression=request.output_compression, text={
             "prompt": params.prompt, "seed": params.seed, "size": params.size, "aspect_ratio": params.aspect_ratio,
             "mode": params.mode, "steps": ",".join(f"{k}={v}" for k, v in steps.items()), "model": g["model_id"],
             "software": "Flashtile", "request_id": request_id,
         })
-        timings["watermark+png"] = time.perf_counter() - t0
+        timings["watermark+encode"] = time.perf_counter() - t0
         metrics.get().images.inc(tags={"size": params.size, "mode": params.mode})
-        delivery, output_key = {"image_b64": base64.b64encode(png).decode()}, None
+        delivery, output_key = {"image_b64": base64.b64encode(data).decode()}, None
         if request.response_format == "url":
-            output_key = f"images/{time.strftime('%Y-%m-%d')}/{uuid.uuid4().hex}.png"
-            await self._put(output_key, png, "image/png")
+            output_key = f"images/{time.strftime('%Y-%m-%d')}/{uuid.uuid4().hex}.{fmt}"
+            await self._put(output_key, data, MEDIA_TYPES[fmt])
             delivery = {}  # the caller signs the URL: only it knows the client's base URL
         yield {"event": "result", "output_key": output_key, "result": GenerateResult(
-            **delivery, request_id=request_id, seed=params.seed, width=image.shape[-1], height=image.shape[-2],
+            **delivery, output_format=fmt, request_id=request_id, seed=params.seed, width=image.shape[-1], height=image.shape[-2],
             size=params.size, aspect_ratio=params.aspect_ratio, mode=params.mode, scheduler=params.scheduler,
             guidance_scale=params.guidance_scale,
             model=g["model_id"], steps=steps, timings={k: round(v, 4) for k, v in timings.items()},
@@ -479,11 +492,13 @@ class Ingress:
                 result.url = self._url(output_key, base_url)
             if scoped_key is not None:
                 status, result = await self._remember(scoped_key, body, result, output_key, base_url)
-        headers = {"X-Flashtile-Seed": str(result.seed), "X-Flashtile-Model": result.model, "X-Flashtile-Request-Id": result.request_id}
+        headers = {"X-Flashtile-Seed": str(result.seed), "X-Flashtile-Model": result.model, "X-Flashtile-Request-Id": result.request_id,
+                   "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in result.timings.items())}
         if idempotency_key is not None:
             headers["Idempotent-Replayed"] = "true" if replayed else "false"
-        if result.image_b64 is not None and "image/png" in request.headers.get("accept", ""):
-            return Response(content=result.png(), media_type="image/png", headers=headers)
+        accept = request.headers.get("accept", "")
+        if result.image_b64 is not None and (result.media_type in accept or "image/*" in accept):
+            return Response(content=result.image_bytes(), media_type=result.media_type, headers=headers)
         return JSONResponse(content=result.model_dump(), headers=headers)
 
     @api.get("/v1/outputs/{key:path}", summary="A stored image (local output storage)")
@@ -494,7 +509,7 @@ class Ingress:
             data = None
         if data is None or not key.startswith("images/"):
             return _error(404, "not_found", "no such output")
-        return Response(content=data, media_type="image/png")
+        return Response(content=data, media_type=MEDIA_TYPES.get(key.rsplit(".", 1)[-1], "application/octet-stream"))
 
     @api.post("/v1/generate/stream", summary="Generate one image, streaming progress (server-sent events)")
     async def http_generate_stream(self, body: GenerateRequest, request: Request):
@@ -552,7 +567,7 @@ class Ingress:
             except ValueError as err:
                 return _error(422, "invalid_request", str(err))
         return ImagesResponse(
-            created=int(time.time()),
+            created=int(time.time()), output_format=first.output_format,
             data=[ImageData(b64_json=r.image_b64, url=r.url, revised_prompt=body.prompt, seed=r.seed) for r in results],
         )
 

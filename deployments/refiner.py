@@ -1,5 +1,7 @@
 """Refiner deployment: refines one tile per call, so several replicas share one image's detail pass."""
 
+import time
+
 from ray import serve
 
 from deployments import metrics
@@ -22,8 +24,10 @@ class RefinerDeployment:
         return await self._queue.run(self._refine, tile, embeds, seed, steps, guidance_scale)
 
     def _refine(self, tile: Tile, embeds: PromptEmbeds, seed: int, steps: int, guidance_scale: float) -> Tile:
+        t0 = time.perf_counter()
         with metrics.timed("refine"):
             tile = self._refiner.refine_tile(tile, embeds, seed=seed, steps=steps, guidance_scale=guidance_scale)
+        tile.meta["compute_s"] = time.perf_counter() - t0
         metrics.get().tiles.inc(tags={"stage": "refine"})
         metrics.get().steps.inc(self._refiner.steps_run(steps), tags={"stage": "refine"})
         tile.pixels = tile.pixels[..., :0, :0]  # the caller has the input; send back only the result

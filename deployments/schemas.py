@@ -9,13 +9,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from stages.sizes import ASPECTS, MAX_GUIDANCE, TIERS, Aspect, Mode, SchedulerName, Tier, output_size
+from stages.sizes import ASPECTS, MAX_GUIDANCE, TIERS, Aspect, Mode, OutputFormat, SchedulerName, Tier, output_size
 
 MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 150
 MAX_SEED = 2**63 - 1
 MAX_TIMEOUT_S = 3600.0
-DELIVERY_FIELDS = {"response_format", "timeout_s"}  # how the answer is delivered, not what is drawn
+DELIVERY_FIELDS = {"response_format", "timeout_s", "output_format", "output_compression"}  # how the answer is delivered, not what is drawn
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 class GenerateRequest(BaseModel):
@@ -42,7 +43,11 @@ class GenerateRequest(BaseModel):
         default=None, description="Sampler; default: the model's own (hybrid = Euler early, DPM++ 2M Karras after)."
     )
     response_format: Literal["b64_json", "url"] = Field(
-        default="b64_json", description="b64_json: the PNG in the answer; url: a link to the stored PNG."
+        default="b64_json", description="b64_json: the image in the answer; url: a link to the stored image."
+    )
+    output_format: OutputFormat = Field(default="png", description="png (lossless, the default), jpeg or webp.")
+    output_compression: int | None = Field(
+        default=None, ge=0, le=100, description="Quality of jpeg and webp, 0-100 (default 100); not for png."
     )
     timeout_s: float | None = Field(
         default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False,
@@ -59,6 +64,11 @@ class GenerateRequest(BaseModel):
         if not value.strip():
             raise ValueError("prompt must contain a non-whitespace character")
         return value
+
+    @field_validator("output_compression")
+    @classmethod
+    def _compression_fits_format(cls, value, info):
+        return _check_compression(value, info.data.get("output_format"))
 
     @field_validator("mode")
     @classmethod
@@ -97,12 +107,20 @@ def error_text(err: ValidationError) -> str:
     return "; ".join(f"{e['field']}: {e['message']} (got {e['got']!r})" for e in describe_errors(err))
 
 
+def _check_compression(value: int | None, output_format: str | None) -> int | None:
+    if value is not None and output_format in (None, "png"):
+        raise ValueError(f"output_compression applies to output_format jpeg and webp only; got it with "
+                         f"{output_format or 'png'!r} (PNG is lossless)")
+    return value
+
+
 class GenerateResult(BaseModel):
     """A finished image and how it was made."""
 
     request_id: str = Field(description="This image's id; its invisible watermark carries it (POST /v1/watermark/detect).")
-    image_b64: str | None = Field(default=None, description="The PNG, base64-encoded (response_format b64_json).")
-    url: str | None = Field(default=None, description="Where to GET the PNG (response_format url); expires.")
+    image_b64: str | None = Field(default=None, description="The image file, base64-encoded (response_format b64_json).")
+    url: str | None = Field(default=None, description="Where to GET the image (response_format url); expires.")
+    output_format: OutputFormat = Field(default="png", description="The file's format: png, jpeg or webp.")
     seed: int
     width: int
     height: int
@@ -120,12 +138,23 @@ class GenerateResult(BaseModel):
     replicas: dict[str, list[str]] = Field(default_factory=dict, description="Replica ids that served each stage.")
     base_batch_size: int = Field(default=1, description="Requests denoised together with this one (dynamic batching).")
 
-    def png(self) -> bytes:
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.output_format]
+
+    def image_bytes(self) -> bytes:
+        """The image file (PNG unless the request asked for another output_format)."""
         import base64
 
         if self.image_b64 is None:
             raise ValueError("this result carries a url, not the image itself")
         return base64.b64decode(self.image_b64)
+
+    def png(self) -> bytes:
+        """The PNG file (a result of output_format png, the default)."""
+        if self.output_format != "png":
+            raise ValueError(f"this result is {self.output_format}, not png: use image_bytes()")
+        return self.image_bytes()
 
 
 # --- OpenAI Images API (POST /v1/images/generations) -----------------------------------------------------------
@@ -147,6 +176,10 @@ class ImagesRequest(BaseModel):
         default=None, description="'auto' (1024x1024) or an exact output size such as 1024x1024 or 4096x2304."
     )
     response_format: Literal["b64_json", "url"] = Field(default="b64_json", description="b64_json or url.")
+    output_format: OutputFormat | None = Field(default=None, description="png (default), jpeg or webp.")
+    output_compression: int | None = Field(
+        default=None, ge=0, le=100, description="Quality of jpeg and webp, 0-100 (default 100); not for png."
+    )
     quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = Field(
         default=None, description="low -> fast mode; hd/high -> quality mode; else the default."
     )
@@ -162,6 +195,11 @@ class ImagesRequest(BaseModel):
     guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
     scheduler: SchedulerName | None = None
     timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+
+    @field_validator("output_compression")
+    @classmethod
+    def _compression_fits_format(cls, value, info):
+        return _check_compression(value, info.data.get("output_format"))
 
     @field_validator("size")
     @classmethod
@@ -179,7 +217,7 @@ class ImagesRequest(BaseModel):
             seed=None if self.seed is None else min(self.seed + index, MAX_SEED),
             size=self.tier or tier, aspect_ratio=self.aspect_ratio or aspect, mode=mode, steps=self.steps,
             guidance_scale=self.guidance_scale, scheduler=self.scheduler, response_format=self.response_format,
-            timeout_s=self.timeout_s,
+            output_format=self.output_format or "png", output_compression=self.output_compression, timeout_s=self.timeout_s,
         )
 
 
@@ -193,6 +231,7 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    output_format: OutputFormat = "png"
 
 
 # --- watermark detection (POST /v1/watermark/detect) -----------------------------------------------------------

@@ -1,5 +1,7 @@
 """Upscaler deployment: upscales one tile per call, so the tiles of one image spread over all replicas."""
 
+import time
+
 from ray import serve
 
 from deployments import metrics
@@ -23,8 +25,10 @@ class UpscalerDeployment:
         return await self._queue.run(self._upscale, tile)
 
     def _upscale(self, tile: Tile) -> Tile:
+        t0 = time.perf_counter()
         with metrics.timed("upscale"):
             tile = self._upscaler.upscale_tile(tile)
+        tile.meta["compute_s"] = time.perf_counter() - t0
         metrics.get().tiles.inc(tags={"stage": "upscale"})
         tile.pixels = tile.pixels[..., :0, :0]  # the caller has the input; send back only the result
         tile.meta["replica"] = replica_id()

@@ -9,11 +9,13 @@ Tier = Literal["preview", "1k", "2k", "4k"]
 Aspect = Literal["1:1", "4:3", "3:4", "16:9", "9:16"]
 Mode = Literal["fast", "quality"]
 SchedulerName = Literal["euler", "dpmpp_2m_karras", "hybrid", "ddim"]
+OutputFormat = Literal["png", "jpeg", "webp"]  # stages.imagefile encodes them
 
 TIERS: tuple[str, ...] = ("preview", "1k", "2k", "4k")
 ASPECTS: tuple[str, ...] = ("1:1", "4:3", "3:4", "16:9", "9:16")
 MODES: tuple[str, ...] = ("fast", "quality")
 SCHEDULERS: tuple[str, ...] = ("euler", "dpmpp_2m_karras", "hybrid", "ddim")
+OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
 MAX_GUIDANCE = 30.0  # classifier-free guidance scale, requests and model defaults alike
 
 LONG_SIDE = {"1k": 1024, "2k": 2048, "4k": 4096}

@@ -27,7 +27,7 @@ def test_stages_import_no_serving_storage_or_metrics_code():
 
 
 def test_importing_the_whole_pipeline_loads_none_of_them():
-    code = "import sys, stages.pipeline, stages.png; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))"
+    code = "import sys, stages.pipeline, stages.imagefile; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))"
     out = subprocess.run([sys.executable, "-c", code % FORBIDDEN], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

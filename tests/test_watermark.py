@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from stages import watermark
-from stages.png import encode_png
+from stages.imagefile import encode_png
 from stages.sizes import ASPECTS, base_size, output_size
 
 RID = "f1a5c0ffee42"
