@@ -11,7 +11,7 @@ $(BIN)/.installed: pyproject.toml
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	# torch stays pinned while the rest resolves: a newer torchvision would otherwise pull a newer (CUDA) torch.
-	$(BIN)/pip install -q -e '.[test]' torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,bench]' torch==2.13.0
 	touch $@
 
 install: $(BIN)/.installed
@@ -27,7 +27,8 @@ prometheus:
 test: install prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Every figure of docs/benchmarks.md (about 25 minutes on 2 cores); `python -m bench FIGURE [--quick]` runs one.
 bench: install
-	$(BIN)/python -m bench.generate
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 .PHONY: install run test bench prometheus

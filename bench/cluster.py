@@ -1,7 +1,9 @@
 """The cluster under test: Ray Serve in the bench's own process, deployed from cluster.yaml with overrides.
 
 Several variants (batching off, a monolith, fewer tile replicas) run side by side as separate Serve
-applications on one Ray instance, each under its own route prefix, so a figure can interleave them.
+applications on one Ray instance, each under its own route prefix, so a figure can interleave them. Ray is given
+more logical CPUs than the machine has, so that every application's CPU reservation fits at once: the
+applications idle while another is measured, and all of them share the machine's real cores.
 Deployed the way `serve run` deploys a config file (Ray's own code path), on a free loopback port.
 """
 
@@ -52,11 +54,13 @@ def app_config(name: str, route: str, args: dict | None = None, deployments: dic
 class Cluster:
     """One Ray instance in this process; `deploy` replaces the set of applications (Serve's declarative update)."""
 
+    LOGICAL_CPUS = 16  # Ray's accounting only: side-by-side applications all fit; they share the machine's real cores
+
     def __init__(self):
         import ray
 
         self.port = free_port()
-        ray.init(namespace="serve", include_dashboard=False, log_to_driver=False)
+        ray.init(namespace="serve", include_dashboard=False, log_to_driver=False, num_cpus=self.LOGICAL_CPUS)
         self._apps: dict[str, str] = {}
 
     def deploy(self, *apps: dict, timeout_s: float = 600) -> None:

@@ -2,8 +2,7 @@
 
 Three Serve applications side by side (one idle while another is measured), interleaved request by request;
 each holds k upscaler and k refiner replicas of one torch thread (a fixed count, no autoscaling), the rest as
-cluster.yaml. Ray's CPU reservation per tile replica is lowered to 0.05 so that all of them fit on the machine's
-logical CPUs: the cores they actually share are the machine's.
+cluster.yaml.
 """
 
 from bench.cluster import Cluster, app_config, generate
@@ -13,7 +12,7 @@ REPLICAS = [1, 2, 4]
 
 
 def _app(k: int) -> dict:
-    tiles = {"num_replicas": k, "ray_actor_options": {"num_cpus": 0.05}, "max_ongoing_requests": 4}
+    tiles = {"num_replicas": k}
     return app_config(f"tiles{k}", f"/tiles{k}", deployments={"upscaler": tiles, "refiner": tiles})
 
 

@@ -1,5 +1,6 @@
 """The monolith figure 3 compares with: all four stages, watermark and PNG in one Ray Serve deployment per request
-(the layout of Ray Serve's Stable Diffusion example), answering the native API's `POST /v1/generate` with the PNG.
+(the layout of Ray Serve's Stable Diffusion example), answering the native API's `POST /v1/generate` with the PNG
+(and `GET /v1/models`, which tells it is up).
 
     import_path: bench.monolith:build_app
 """
@@ -26,6 +27,10 @@ class Monolith:
 
         torch.set_num_threads(torch_threads)
         self._flashtile = Flashtile.from_pretrained(None)
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self._flashtile.model_id, "object": "model"}]}
 
     @api.post("/v1/generate")
     async def generate(self, body: GenerateRequest) -> Response:

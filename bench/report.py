@@ -35,8 +35,28 @@ def section(fig: Figure) -> str:
     return "\n".join(lines)
 
 
+def headline() -> list[str]:
+    """The numbers the README quotes: serving overhead, throughput under load against one process, the encode."""
+    lines = []
+    overhead, load, encoding = Figure.load("overhead"), Figure.load("load"), Figure.load("encoding")
+    if overhead and overhead.table:
+        lines += [f for f in overhead.findings]
+    if load and load.table:
+        for tier in dict.fromkeys(r["tier"] for r in load.table):
+            rows = [r for r in load.table if r["tier"] == tier and r["variant"] == "cluster"]
+            best = max(rows, key=lambda r: r["images/s"])
+            lines.append(f"{tier} under load: the cluster's best is {best['images/s']:.3f} images/s ({best['clients']} "
+                         f"clients), {best['cluster / in-process']:.2f}x one process's serial rate")
+    if encoding and encoding.table:
+        lines += [f for f in encoding.findings if f.startswith("4k")]
+    return lines
+
+
 def write() -> Path:
     parts = [HEAD]
+    top = headline()
+    if top:
+        parts.append("## Headline\n\n" + "\n".join(f"- {line}" for line in top) + "\n")
     for name in ORDER:
         fig = Figure.load(name)
         parts.append(section(fig) if fig else f"## {name}\n\nNot run yet: `python -m bench {name}`.\n")

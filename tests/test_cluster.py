@@ -340,6 +340,40 @@ def test_every_image_carries_a_watermark_that_survives_jpeg_and_downscaling(clus
     assert not unmarked["watermarked"] and unmarked["request_id"] is None
 
 
+def test_output_format_jpeg_and_webp_on_the_native_and_openai_apis(cluster):
+    """Each format decodes as itself, at the asked size, with its provenance and a watermark naming the request."""
+    body = {"prompt": "a blue square", "size": "1k", "aspect_ratio": "16:9", "seed": 5, "mode": "fast", "steps": 2}
+    # Native, the file itself (Accept names its media type); the Server-Timing header names every stage.
+    resp = API.post(f"{URL}/v1/generate", json={**body, "output_format": "jpeg", "output_compression": 90},
+                    headers={"Accept": "image/jpeg"}, timeout=300)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg", resp.text[:300]
+    assert {"encode+base", "upscale", "refine", "watermark+encode", "ingress", "ingress-cpu"} <= {
+        part.split(";")[0].strip() for part in resp.headers["server-timing"].split(",")}
+    jpeg = Image.open(io.BytesIO(resp.content))
+    assert jpeg.format == "JPEG" and jpeg.size == (1024, 576)
+    assert json.loads(jpeg.getexif()[0x010E])["seed"] == "5" and jpeg.getexif()[0x0131] == "Flashtile"
+    assert _detect(jpeg.convert("RGB"))["request_id"] == resp.headers["x-flashtile-request-id"]
+    # Native JSON: webp, stored and served with its own type.
+    resp = API.post(f"{URL}/v1/generate", json={**body, "output_format": "webp"}, timeout=300)
+    result = resp.json()
+    assert resp.status_code == 200 and result["output_format"] == "webp", resp.text[:300]
+    webp = Image.open(io.BytesIO(base64.b64decode(result["image_b64"])))
+    assert webp.format == "WEBP" and webp.size == (1024, 576)
+    # PNG is lossless: a compression level is refused, naming the field, before any work.
+    resp = API.post(f"{URL}/v1/generate", json={**body, "output_compression": 50}, timeout=30)
+    assert resp.status_code == 422 and resp.json()["error"]["errors"][0]["field"] == "output_compression"
+    # OpenAI's own parameters, through the official client.
+    import openai
+
+    client = openai.OpenAI(base_url=f"{URL}/v1", api_key=KEYS[1], max_retries=0, timeout=300)
+    for fmt, pil_format in (("jpeg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")):
+        r = client.images.generate(prompt="a blue square", size="1024x576", output_format=fmt, response_format="b64_json",
+                                   **({} if fmt == "png" else {"output_compression": 75}),
+                                   extra_body={"seed": 5, "mode": "fast", "steps": 2})
+        image = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+        assert image.format == pil_format and image.size == (1024, 576) and r.output_format == fmt
+
+
 def test_url_response_is_a_presigned_s3_url_a_plain_client_can_fetch(cluster):
     body = {"prompt": "a lighthouse", "size": "1k", "aspect_ratio": "9:16", "seed": 4, "mode": "fast", "steps": 2,
             "response_format": "url"}

@@ -1,6 +1,7 @@
 """The invisible watermark: read back at every output size, after JPEG q90 and a 50% downscale; never on unmarked images."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from stages import watermark
-from stages.imagefile import encode_png
+from stages.imagefile import encode_image, encode_png
 from stages.sizes import ASPECTS, base_size, output_size
 
 RID = "f1a5c0ffee42"
@@ -127,3 +128,31 @@ def test_encode_png_always_marks_previews_included():
     for w, h in [(32, 32), (40, 24), (24, 40)]:  # the stream's latent previews (1/8 of the base size)
         latent = torch.from_numpy(synth(w, h, seed=w)).permute(2, 0, 1)[None].float() / 255
         assert watermark.detect(Image.open(io.BytesIO(encode_png(latent, request_id=RID)))).request_id == RID
+
+
+@pytest.mark.parametrize("fmt,pil_format", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_every_output_format_decodes_with_its_provenance_and_mark(fmt, pil_format):
+    image = torch.from_numpy(synth(1024, 576, seed=6)).permute(2, 0, 1)[None].float() / 255
+    data = encode_image(image, {"prompt": "a café", "seed": 6}, request_id=RID, output_format=fmt)
+    assert data == encode_image(image, {"prompt": "a café", "seed": 6}, request_id=RID, output_format=fmt)
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.format == pil_format and decoded.size == (1024, 576)
+    text = decoded.text if fmt == "png" else json.loads(decoded.getexif()[0x010E])
+    assert text == {"prompt": "a café", "seed": "6"}
+    assert watermark.detect(decoded.convert("RGB")).request_id == RID
+    if fmt != "png":  # a lower quality makes a smaller file
+        assert len(encode_image(image, request_id=RID, output_format=fmt, compression=50)) < len(data)
+    with pytest.raises(ValueError, match="output_format must be one of png, jpeg, webp; got 'gif'"):
+        encode_image(image, request_id=RID, output_format="gif")
+
+
+def test_png_is_lossless_and_no_larger_than_pillows_default():
+    """The RLE strategy changes only the compressed stream: the same pixels, and no more bytes (fewer on flat renders: docs/benchmarks.md, figure 7)."""
+    pixels = synth(1024, 576, seed=7)
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    data = encode_png(image, request_id=RID)
+    marked = watermark.embed_rgb(pixels, RID)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), marked)
+    default = io.BytesIO()
+    Image.fromarray(marked).save(default, format="PNG", compress_level=6)
+    assert len(data) <= 1.02 * len(default.getvalue())
