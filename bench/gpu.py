@@ -46,10 +46,11 @@ def components(arch: str) -> dict:
             attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
         texts = [_text(768, 12, 12), _text(1280, 32, 20, projection=1280)]
-    return {"unet": unet, "vae": vae, "texts": texts, "scheduler": dict(EulerDiscreteScheduler().config)}
+    return {"unet": unet, "vae": vae, "texts": texts, "scheduler": {**EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1).config,
+                          "_class_name": "EulerDiscreteScheduler"}}  # the real checkpoints' sampler settings
 
 
-def pipeline(arch: str, dtype, compile_unet: bool):
+def pipeline(arch: str, dtype, compile_unet: bool, device: str = "cuda"):
     import torch
 
     from stages.encode import PromptEncoder
@@ -62,14 +63,14 @@ def pipeline(arch: str, dtype, compile_unet: bool):
 
     c = components(arch)
     family = "sdxl" if arch == "sdxl" else "sd"
-    unet, vae = c["unet"].to("cuda", dtype), c["vae"].to("cuda", dtype)
-    texts = [t.to("cuda", dtype) for t in c["texts"]]
+    unet, vae = c["unet"].to(device, dtype), c["vae"].to(device, dtype)
+    texts = [t.to(device, dtype) for t in c["texts"]]
     if compile_unet:
         unet = torch.compile(unet)
     return Flashtile(
         PromptEncoder([_tokenizer() for _ in texts], texts, arch, family),
         BaseGenerator(unet, vae, c["scheduler"], arch, family),
-        Upscaler.from_pretrained(upscaler_location(resolve_model(None)), device="cuda"),
+        Upscaler.from_pretrained(upscaler_location(resolve_model(None)), device=device),
         Refiner(unet, vae, c["scheduler"], arch, family),
     )
 
