@@ -123,10 +123,11 @@ def generate(url: str, body: dict, session: requests.Session | None = None) -> d
 
 
 def load(url: str, body: dict, clients: int, requests_total: int) -> dict:
-    """`clients` closed-loop clients share `requests_total` requests (seeds 0, 1, ...): images/s and latencies."""
+    """`clients` closed-loop clients share `requests_total` requests (seeds 0, 1, ...): images/s and latencies, and
+    each answer's measurements (its Server-Timing parts, where the server sends them)."""
     seeds = iter(range(requests_total))
     lock = threading.Lock()
-    latencies: list[float] = []
+    answers: list[dict] = []
 
     def client() -> None:
         session = requests.Session()
@@ -135,16 +136,17 @@ def load(url: str, body: dict, clients: int, requests_total: int) -> dict:
                 seed = next(seeds, None)
             if seed is None:
                 return
-            latencies.append(generate(url, {**body, "seed": seed}, session)["wall_s"])
+            answers.append(generate(url, {**body, "seed": seed}, session))
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         for f in [pool.submit(client) for _ in range(clients)]:
             f.result()
     makespan = time.perf_counter() - t0
+    latencies = [a["wall_s"] for a in answers]
     return {"clients": clients, "requests": requests_total, "makespan_s": makespan,
             "images_per_s": requests_total / makespan, "p50_s": percentile(latencies, 50),
-            "p99_s": percentile(latencies, 99), "latencies_s": latencies}
+            "p99_s": percentile(latencies, 99), "latencies_s": latencies, "answers": answers}
 
 
 def wait_http(url: str, timeout_s: float, proc=None) -> None:

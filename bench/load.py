@@ -13,7 +13,7 @@ headline's denominator.
 """
 
 from bench.cluster import Cluster, app_config, load
-from bench.common import PROMPT, Figure, ratio
+from bench.common import PROMPT, Figure, column, med, ratio
 from bench.local import Local
 
 MONOLITH = [{"name": "monolith", "num_replicas": 2, "max_ongoing_requests": 1, "max_queued_requests": 256,
@@ -69,10 +69,26 @@ def run(quick: bool, names=("load", "monolith")) -> list[Figure]:
     return out
 
 
+PARTS = {"encode+base": "encode + base", "upscale": "upscale", "refine": "refine", "watermark+encode": "watermark + encode"}
+
+
+def largest_part(answers: list[dict]) -> tuple[str, float, float]:
+    """The part of a request's latency that is largest in the median (the cluster's Server-Timing; the proxy and
+    queueing before the ingress are what the ingress did not see): (name, seconds, share of the median latency)."""
+    if not answers or "ingress" not in answers[0]:
+        return "", float("nan"), float("nan")
+    parts = {name: med(answers, key) for key, name in PARTS.items() if column(answers, key)}
+    parts["proxy and queue"] = med(answers, "wall_s") - med(answers, "ingress")
+    name = max(parts, key=parts.get)
+    return name, parts[name], parts[name] / med(answers, "wall_s")
+
+
 def _row(r: dict, in_process: float) -> dict:
+    name, seconds, share = largest_part(r["answers"])
     return {"tier": r["tier"], "variant": r["variant"], "clients": r["clients"], "requests": r["requests"],
             "images/s": r["images_per_s"], "p50 s": r["p50_s"], "p99 s": r["p99_s"],
-            "in-process images/s": in_process, "cluster / in-process": ratio(r["images_per_s"], in_process)}
+            "in-process images/s": in_process, "cluster / in-process": ratio(r["images_per_s"], in_process),
+            "largest part of latency": name or None, "its s (median)": seconds, "its share": share}
 
 
 def findings(table: list[dict], other: str) -> list[str]:
@@ -88,5 +104,8 @@ def findings(table: list[dict], other: str) -> list[str]:
                 f"{tier} {variant}: under load ({loaded['clients']} clients) {loaded['images/s']:.3f} images/s, "
                 f"{loaded['cluster / in-process']:.2f}x one process's serial rate ({loaded['in-process images/s']:.3f}), "
                 f"p99 {loaded['p99 s']:.1f} s; one client {single['images/s']:.3f} images/s "
-                f"({single['cluster / in-process']:.2f}x).")
+                f"({single['cluster / in-process']:.2f}x)."
+                + (f" Under load the largest part of a request's latency is {loaded['largest part of latency']}: "
+                   f"{loaded['its s (median)']:.1f} s, {loaded['its share']:.0%} of the median."
+                   if loaded["largest part of latency"] else ""))
     return out
