@@ -7,6 +7,8 @@ stage as the ingress saw it (the replicas' own compute for upscale and refine ti
   ingress, other     = ingress wall - its stage timings (admission, info, base64 of nothing: PNG answers)
   <stage>            = the stage as the ingress saw it - the same stage in process
   watermark + PNG    = the ingress's encode - the in-process encode
+Each part is a difference of medians taken separately, so the parts need not add up exactly to the difference of
+the walls, and a part near zero can come out slightly negative.
 "Pixels moved" counts the float32 image data that crosses between replicas for one image (the base image, each
 upscaler tile there and back, each refined tile there and back), from the tile geometry.
 """

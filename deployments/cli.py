@@ -36,7 +36,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from stages.pipeline import Flashtile
-    from stages.imagefile import encode_image
+    from stages.imagefile import encode_image, provenance
 
     # 2. Load the model (the embedded default unless --model names a directory).
     started = time.perf_counter()
@@ -68,26 +68,14 @@ def _generate(args: argparse.Namespace) -> int:
     for bar in bars.values():
         bar.close()
 
-    # 4. Write the file with its provenance (PNG text chunks, JPEG/WebP EXIF) (no timings: same request -> same bytes).
-    text = {
-        "prompt": params.prompt,
-        "negative_prompt": params.negative_prompt,
-        "seed": params.seed,
-        "size": params.size,
-        "aspect_ratio": params.aspect_ratio,
-        "mode": params.mode,
-        "steps": ",".join(f"{k}={v}" for k, v in result.steps.items()),
-        "guidance_scale": params.guidance_scale,
-        "scheduler": params.scheduler,
-        "model": result.model_id,
-        "software": "Flashtile",
-    }
-    # The watermark's request id: a hash of the request, so a rerun writes the same bytes.
+    # 4. Write the file with its provenance (PNG text chunks, JPEG/WebP EXIF). The watermark's request id is a hash of
+    #    the request and what ran, so a rerun writes the same bytes.
     import hashlib
     import json
 
-    request_id = hashlib.sha256(json.dumps(text, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    text["request_id"] = request_id
+    unsigned = provenance(params, result.steps, result.model_id, request_id="")
+    request_id = hashlib.sha256(json.dumps(unsigned, sort_keys=True).encode()).hexdigest()[:12]
+    text = provenance(params, result.steps, result.model_id, request_id)
     Path(args.output).write_bytes(encode_image(result.image, text, request_id=request_id, output_format=request.output_format))
     timings = " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items())
     print(

@@ -45,7 +45,7 @@ from deployments.storage import LocalOutputStore, OutputStore, StorageError
 from stages import sizes
 from stages.pipeline import REFINE_BUDGET, guidance_for, resolve_params
 from stages import watermark
-from stages.imagefile import encode_image, encode_png
+from stages.imagefile import encode_image, encode_png, provenance
 from stages.refine import blend_tiles, select_tiles
 from stages.upscale import TiledUpscale, resize
 
@@ -394,11 +394,7 @@ class Ingress:
         fmt = request.output_format
         data = await asyncio.to_thread(
             encode_image, image.clamp(0, 1), request_id=request_id, output_format=fmt,
-            compression=request.output_compression, text={
-            "prompt": params.prompt, "seed": params.seed, "size": params.size, "aspect_ratio": params.aspect_ratio,
-            "mode": params.mode, "steps": ",".join(f"{k}={v}" for k, v in steps.items()), "model": g["model_id"],
-            "software": "Flashtile", "request_id": request_id,
-        })
+            compression=request.output_compression, text=provenance(params, steps, g["model_id"], request_id))
         timings["watermark+encode"] = time.perf_counter() - t0
         metrics.get().images.inc(tags={"size": params.size, "mode": params.mode})
         delivery, output_key = {"image_b64": base64.b64encode(data).decode()}, None

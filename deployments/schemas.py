@@ -1,6 +1,7 @@
 """Request and result models of Flashtile's API (pydantic v2). No torch here: clients can import this alone.
 
-Field names are the HTTP API's, as they are. Stage parameters (stages.pipeline.GenerationParams) are a
+Field names are the HTTP API's, as they are. Numbers are strict: `true`, `"5"` or `5.0` for an integer (and a
+boolean for a number) are refused, not coerced. Stage parameters (stages.pipeline.GenerationParams) are a
 separate, fully resolved form of the same request.
 """
 
@@ -27,16 +28,16 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw (1-2000 characters).")
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS, description="What to steer away from.")
     seed: int | None = Field(
-        default=None, ge=0, le=MAX_SEED, description="Seed of the initial noise; drawn and reported when absent."
+        default=None, ge=0, le=MAX_SEED, strict=True, description="Seed of the initial noise; drawn and reported when absent."
     )
     size: Tier = Field(default="1k", description="Output tier: preview (base only, fast), 1k, 2k or 4k (long side).")
     aspect_ratio: Aspect = Field(default="1:1", description="Aspect ratio of the output.")
     mode: Mode | None = Field(
         default=None, description="fast (few steps) or quality; default: fast for preview, quality otherwise."
     )
-    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Base denoising steps (default by mode).")
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, strict=True, description="Base denoising steps (default by mode).")
     guidance_scale: float | None = Field(
-        default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+        default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, strict=True,
         description="Classifier-free guidance scale; default: the model's for the mode (GET /v1/models).",
     )
     scheduler: SchedulerName | None = Field(
@@ -47,10 +48,10 @@ class GenerateRequest(BaseModel):
     )
     output_format: OutputFormat = Field(default="png", description="png (lossless, the default), jpeg or webp.")
     output_compression: int | None = Field(
-        default=None, ge=0, le=100, description="Quality of jpeg and webp, 0-100 (default 100); not for png."
+        default=None, ge=0, le=100, strict=True, description="Quality of jpeg and webp, 0-100 (default 100); not for png."
     )
     timeout_s: float | None = Field(
-        default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False,
+        default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False, strict=True,
         description="Give up (408) after this many seconds; the server's request_timeout_s caps it.",
     )
 
@@ -171,14 +172,14 @@ class ImagesRequest(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(default=None, description="The served model's id (GET /v1/models), or omitted.")
-    n: int = Field(default=1, ge=1, le=4, description="Images to generate (seeds seed, seed+1, ...).")
+    n: int = Field(default=1, ge=1, le=4, strict=True, description="Images to generate (seeds seed, seed+1, ...).")
     size: str | None = Field(
         default=None, description="'auto' (1024x1024) or an exact output size such as 1024x1024 or 4096x2304."
     )
     response_format: Literal["b64_json", "url"] = Field(default="b64_json", description="b64_json or url.")
     output_format: OutputFormat | None = Field(default=None, description="png (default), jpeg or webp.")
     output_compression: int | None = Field(
-        default=None, ge=0, le=100, description="Quality of jpeg and webp, 0-100 (default 100); not for png."
+        default=None, ge=0, le=100, strict=True, description="Quality of jpeg and webp, 0-100 (default 100); not for png."
     )
     quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = Field(
         default=None, description="low -> fast mode; hd/high -> quality mode; else the default."
@@ -187,14 +188,14 @@ class ImagesRequest(BaseModel):
     user: str | None = Field(default=None, max_length=256, description="Accepted for compatibility; not used.")
     # Flashtile extensions (the native API's fields):
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True)
     tier: Tier | None = Field(default=None, description="Overrides the tier implied by `size`.")
     aspect_ratio: Aspect | None = Field(default=None, description="Overrides the aspect ratio implied by `size`.")
     mode: Mode | None = None
-    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, strict=True)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, strict=True)
     scheduler: SchedulerName | None = None
-    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False, strict=True)
 
     @field_validator("output_compression")
     @classmethod

@@ -23,6 +23,26 @@ DEFAULT_COMPRESSION = 100  # OpenAI's default output_compression: the lossy form
 _EXIF_DESCRIPTION, _EXIF_SOFTWARE = 0x010E, 0x0131
 
 
+def provenance(params, steps: dict[str, int], model_id: str, request_id: str) -> dict[str, str]:
+    """What every output file says of how it was made (PNG text chunks; JPEG/WebP EXIF): the resolved request
+    (stages.pipeline.GenerationParams), the steps run per stage, the model and the request id. No timings, so the
+    same request writes the same bytes. The one place these fields are chosen, for the CLI and the cluster alike."""
+    return {
+        "prompt": params.prompt,
+        "negative_prompt": params.negative_prompt,
+        "seed": str(params.seed),
+        "size": params.size,
+        "aspect_ratio": params.aspect_ratio,
+        "mode": params.mode,
+        "steps": ",".join(f"{k}={v}" for k, v in steps.items()),
+        "guidance_scale": str(params.guidance_scale),
+        "scheduler": params.scheduler,
+        "model": model_id,
+        "software": "Flashtile",
+        "request_id": request_id,
+    }
+
+
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """[1, 3, H, W] in [0, 1] -> [H, W, 3] uint8."""
     return (image[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()

@@ -39,6 +39,8 @@ def test_png_carries_provenance_and_reruns_are_byte_identical(tmp_path, default_
     assert text["prompt"] == "a lighthouse at dusk" and text["seed"] == "7" and text["mode"] == "quality"
     assert text["model"] == "flashtile-default-v1"
     assert text["steps"].startswith("base=3,")
+    assert set(text) == {"prompt", "negative_prompt", "seed", "size", "aspect_ratio", "mode", "steps", "guidance_scale",
+                         "scheduler", "model", "software", "request_id"}
     code_c, c = _run(tmp_path, *[("8" if a == "7" else a) for a in args], name="c.png")
     assert code_c == 0 and c.read_bytes() != a.read_bytes()
 

@@ -224,6 +224,10 @@ def test_http_each_tier_returns_a_png_of_the_documented_size(cluster, tier):
     assert image.size == EXPECTED[tier]
     assert image.text["seed"] == "5" and image.text["model"] == "flashtile-default-v1"
     assert resp.headers["x-flashtile-seed"] == "5"
+    # The same provenance fields as `flashtile generate` writes (stages.imagefile.provenance), request id included.
+    assert set(image.text) == {"prompt", "negative_prompt", "seed", "size", "aspect_ratio", "mode", "steps",
+                               "guidance_scale", "scheduler", "model", "software", "request_id"}
+    assert image.text["request_id"] == resp.headers["x-flashtile-request-id"]
 
 
 def test_4k_tiles_fan_out_over_both_upscaler_replicas(cluster):

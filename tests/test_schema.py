@@ -24,6 +24,9 @@ BAD = [
     ({"prompt": "a", "scheduler": "lms"}, "scheduler", "'euler', 'dpmpp_2m_karras', 'hybrid' or 'ddim'"),
     ({"prompt": "a", "size": "preview", "mode": "quality"}, "mode", "must be 'fast' for size 'preview'"),
     ({"prompt": "a", "output_format": "gif"}, "output_format", "'png', 'jpeg' or 'webp'"),
+    ({"prompt": "a", "guidance_scale": False}, "guidance_scale", "valid number"),
+    ({"prompt": "a", "steps": True}, "steps", "valid integer"),
+    ({"prompt": "a", "seed": "7"}, "seed", "valid integer"),
     ({"prompt": "a", "output_compression": 80}, "output_compression", "jpeg and webp only; got it with 'png'"),
     ({"prompt": "a", "output_format": "jpeg", "output_compression": 101}, "output_compression", "less than or equal to 100"),
 ]
