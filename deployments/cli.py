@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -117,10 +118,22 @@ def _serve(args: argparse.Namespace) -> int:
           "Flashtile: no API keys configured (FLASHTILE_API_KEYS): serving loopback clients (127.0.0.1, ::1) only")
     if args.model is None:
         ensure_default_model()  # once, before five replicas would race to build it
-    ray.init(namespace="serve", _metrics_export_port=args.metrics_port, include_dashboard=False)
-    print(f"Flashtile: Prometheus metrics of the whole cluster at http://127.0.0.1:{args.metrics_port}/metrics")
-    # serve run reuses the Ray instance started above; Ctrl-C shuts Serve down.
-    return run.main([str(config)], standalone_mode=False) or 0
+    # Ray's dashboard on loopback, so Ray's own tools work against this cluster: `serve status`, `serve deploy`.
+    context = ray.init(namespace="serve", _metrics_export_port=args.metrics_port, include_dashboard=True,
+                       dashboard_host="127.0.0.1")
+    print(f"Flashtile: Prometheus metrics of the whole cluster at http://127.0.0.1:{args.metrics_port}/metrics; "
+          f"Ray dashboard at http://{context.dashboard_url}")
+    # SIGINT and SIGTERM to this process (not only Ctrl-C to its terminal's process group) stop it: serve run shuts
+    # Serve down on KeyboardInterrupt, and the local Ray instance goes with this process. (A process started in the
+    # background inherits SIGINT ignored; Ray's own SIGTERM handler would end it without shutting Serve down.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return run.main([str(config)], standalone_mode=False) or 0
+    except SystemExit as stop:  # serve run exits after shutting Serve down
+        return stop.code or 0
+    finally:
+        ray.shutdown()
 
 
 def _build_default(args: argparse.Namespace) -> int:

@@ -63,12 +63,13 @@ def cluster(s3_model_url):
             time.sleep(2)
         yield proc
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: Serve shuts down, and the local Ray with its driver
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # the module's last test stops it itself
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: Serve shuts down, and the local Ray with its driver
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
         log.close()
 
@@ -815,3 +816,25 @@ def test_burst_scales_the_generator_but_not_the_encoder(cluster, tmp_path):
     peak = json.loads(out.strip().splitlines()[-1])
     assert peak["base_generator"] > 1  # min_replicas is 1
     assert peak["prompt_encoder"] == 1
+
+
+def _ray_processes() -> list[str]:
+    out = subprocess.run(["pgrep", "-af", "raylet|gcs_server|dashboard.py"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def test_ray_tools_work_and_sigterm_to_the_process_alone_stops_everything(cluster):
+    """Last in this module: it stops the cluster. Ray's own CLI reaches it (the dashboard listens on loopback), and
+    SIGTERM to `flashtile serve` itself (not to its process group) shuts Serve and Ray down within 10 s."""
+    # Ray turns token authentication on for a local cluster; its CLI sends the token (~/.ray/auth_token) when told to.
+    status = subprocess.run([str(Path(sys.executable).parent / "serve"), "status"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert status.returncode == 0, status.stderr[-1000:]
+    assert "flashtile" in status.stdout and "RUNNING" in status.stdout
+    assert _ray_processes()
+    cluster.send_signal(signal.SIGTERM)
+    cluster.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while _ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes(), _ray_processes()
