@@ -63,6 +63,29 @@ class AppArgs(BaseModel):
         return entries
 
 
+# A deployment's batch can hold no more requests than the replica accepts at once: deployment -> its batch size arg.
+BATCHED = {"base_generator": "generator_max_batch", "prompt_encoder": "encoder_max_batch"}
+DEPLOYMENTS = {"base_generator": GeneratorDeployment, "prompt_encoder": EncoderDeployment}
+
+
+def check_config(config: dict) -> None:
+    """Check a Serve config's Flashtile applications beyond what Serve checks, before anything starts: their args,
+    and that each batched deployment's max_ongoing_requests is at least its batch size (else batches never fill).
+    Raises ValueError naming both fields."""
+    for app in config.get("applications") or []:
+        if app.get("import_path") != "deployments.app:build_app":
+            continue
+        args = AppArgs.model_validate(app.get("args") or {})
+        options = {d.get("name"): d for d in app.get("deployments") or []}
+        for deployment, arg in BATCHED.items():
+            ongoing = options.get(deployment, {}).get("max_ongoing_requests", DEPLOYMENTS[deployment].max_ongoing_requests)
+            if ongoing < getattr(args, arg):
+                raise ValueError(
+                    f"application {app.get('name')!r}: {deployment} max_ongoing_requests ({ongoing}) must be at least "
+                    f"{arg} ({getattr(args, arg)}): a replica never holds more requests than that, so larger batches "
+                    "never fill")
+
+
 def build_app(args: dict) -> Application:
     a = AppArgs.model_validate(args or {})
     model = (a.model, a.device, a.torch_threads)

@@ -113,6 +113,15 @@ def _serve(args: argparse.Namespace) -> int:
         config = cache_dir() / "serve-config.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(yaml.safe_dump(data, sort_keys=False))
+    from pydantic import ValidationError as ArgsError
+
+    from deployments.app import check_config
+
+    try:
+        check_config(data)  # before anything starts: a bad config costs no Ray start-up
+    except (ValueError, ArgsError) as err:
+        print(f"flashtile: {config}: {err}", file=sys.stderr)
+        return 2
     keys = os.environ.get("FLASHTILE_API_KEYS", "").strip() or any(a.get("args", {}).get("api_keys") for a in data["applications"])
     print("Flashtile: API keys configured; inference routes need 'Authorization: Bearer <key>'" if keys else
           "Flashtile: no API keys configured (FLASHTILE_API_KEYS): serving loopback clients (127.0.0.1, ::1) only")
