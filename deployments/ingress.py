@@ -38,6 +38,7 @@ from deployments.schemas import (
     WatermarkDetectRequest,
     WatermarkDetectResult,
     describe_errors,
+    error_responses,
 )
 from deployments import guard as _guard
 from deployments.guard import Guard, GuardMiddleware, Refusal, error as _error
@@ -358,7 +359,8 @@ class Ingress:
                     done += 1
                     if stream:
                         yield {"event": "progress", "stage": "upscale", "step": done, "total": total}
-                image = geometry.merge(tiles, (image.shape[-1], image.shape[-2]))
+                # Blend in tile order, not completion order: float sums in a fixed order give the same pixels every run.
+                image = geometry.merge(sorted(tiles, key=lambda t: t.index), (image.shape[-1], image.shape[-2]))
                 seen |= {t.meta["replica"] for t in tiles}
                 compute += sum(t.meta.get("compute_s", 0.0) for t in tiles)
             timings["upscale"] = time.perf_counter() - t0
@@ -456,7 +458,8 @@ class Ingress:
 
     # --- HTTP -------------------------------------------------------------------------------------------
 
-    @api.post("/v1/generate", response_model=GenerateResult, summary="Generate one image (native API)")
+    @api.post("/v1/generate", response_model=GenerateResult, summary="Generate one image (native API)",
+              responses=error_responses(400, 401, 403, 408, 409, 413, 422, 500, 503))
     async def http_generate(
         self,
         body: GenerateRequest,
@@ -497,7 +500,7 @@ class Ingress:
             return Response(content=result.image_bytes(), media_type=result.media_type, headers=headers)
         return JSONResponse(content=result.model_dump(), headers=headers)
 
-    @api.get("/v1/outputs/{key:path}", summary="A stored image (local output storage)")
+    @api.get("/v1/outputs/{key:path}", summary="A stored image (local output storage)", responses=error_responses(404))
     async def outputs(self, key: str):
         try:
             data = await asyncio.to_thread(self._store.get, key) if isinstance(self._store, LocalOutputStore) else None
@@ -507,7 +510,8 @@ class Ingress:
             return _error(404, "not_found", "no such output")
         return Response(content=data, media_type=MEDIA_TYPES.get(key.rsplit(".", 1)[-1], "application/octet-stream"))
 
-    @api.post("/v1/generate/stream", summary="Generate one image, streaming progress (server-sent events)")
+    @api.post("/v1/generate/stream", summary="Generate one image, streaming progress (server-sent events)",
+              responses=error_responses(400, 401, 403, 413, 422, 500, 503))
     async def http_generate_stream(self, body: GenerateRequest, request: Request):
         """Events: `progress` ({stage, step, total}, base steps with `preview_png_b64`), then `result`
         (the native JSON result) or `error` ({type, message}; type timeout, overloaded, replica_lost, ...)."""
@@ -547,7 +551,8 @@ class Ingress:
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                  background=BackgroundTask(slot.release))
 
-    @api.post("/v1/images/generations", response_model=ImagesResponse, summary="OpenAI Images API")
+    @api.post("/v1/images/generations", response_model=ImagesResponse, summary="OpenAI Images API",
+              responses=error_responses(400, 401, 403, 404, 408, 413, 422, 500, 503))
     async def openai_images(self, body: ImagesRequest, request: Request):
         info = await self._stage_info()
         model_id = info["generator"]["model_id"]
@@ -567,7 +572,8 @@ class Ingress:
             data=[ImageData(b64_json=r.image_b64, url=r.url, revised_prompt=body.prompt, seed=r.seed) for r in results],
         )
 
-    @api.post("/v1/watermark/detect", response_model=WatermarkDetectResult, summary="Is Flashtile's watermark in this image?")
+    @api.post("/v1/watermark/detect", response_model=WatermarkDetectResult, summary="Is Flashtile's watermark in this image?",
+              responses=error_responses(400, 401, 403, 413, 422, 500))
     async def watermark_detect(self, body: WatermarkDetectRequest):
         try:
             data = base64.b64decode(body.image_b64, validate=True)
@@ -587,7 +593,7 @@ class Ingress:
         return WatermarkDetectResult(watermarked=found.found, request_id=found.request_id, width=width, height=height,
                                      bit_agreement=round(found.bit_agreement, 4), method=found.method)
 
-    @api.get("/v1/models", summary="Models this cluster serves")
+    @api.get("/v1/models", summary="Models this cluster serves", responses=error_responses(401, 403, 500))
     async def models(self):
         g = (await self._stage_info())["generator"]
         return {"object": "list", "data": [{"id": g["model_id"], "object": "model", "owned_by": "flashtile",

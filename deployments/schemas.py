@@ -158,6 +158,39 @@ class GenerateResult(BaseModel):
         return self.image_bytes()
 
 
+# --- errors: every refusal and failure has this body ------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # per kind: errors (field list), retry_after, limit, allowed, ...
+
+    type: str = Field(description="invalid_request, unauthorized, limit_exceeded, overloaded, timeout, ...")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_STATUSES = {
+    400: "Unparsable body, or the prompt is refused by the content policy",
+    401: "Missing or wrong API key",
+    403: "No API keys configured and the client is not on loopback",
+    404: "No such model or stored output",
+    408: "The request ran past its timeout and was cancelled",
+    409: "The Idempotency-Key was used with another body",
+    413: "The body is too large",
+    422: "Invalid request (the fields, rules and values), or a configured limit exceeded",
+    500: "A stage failed (no stack trace is sent)",
+    503: "At capacity, or a replica was lost: retry after Retry-After seconds",
+}
+
+
+def error_responses(*statuses: int) -> dict:
+    """FastAPI `responses=` for a route: each status it can answer, with the error body's schema."""
+    return {status: {"model": ErrorBody, "description": ERROR_STATUSES[status]} for status in statuses}
+
+
 # --- OpenAI Images API (POST /v1/images/generations) -----------------------------------------------------------
 
 OPENAI_SIZES = {  # "WxH" -> (tier, aspect ratio): every exact output size Flashtile makes
