@@ -4,6 +4,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from bench.common import PLOTS, Figure  # noqa: E402
 
@@ -52,6 +53,13 @@ def load(fig: Figure) -> None:
             ax1.text(1, serial, f" {tier} in-process serial", fontsize=7, va="bottom")
     ax1.set(xlabel="concurrent clients", ylabel="images / s", xscale="log", title="Throughput")
     ax2.set(xlabel="concurrent clients", ylabel="p99 latency, s", xscale="log", yscale="log", title="p99 latency")
+    clients = sorted({r["clients"] for r in fig.table})
+    for ax in (ax1, ax2):  # plain numbers on the log axes
+        ax.set_xticks(clients, [str(c) for c in clients])
+        ax.minorticks_off()
+    lo, hi = ax2.get_ylim()
+    ax2.set_yticks([t for t in (1, 2, 5, 10, 20, 50, 100, 200) if lo <= t <= hi])
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax1.legend(fontsize=7)
     _save(fig, figure)
 
