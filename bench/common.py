@@ -54,8 +54,10 @@ def environment() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True).stdout.strip())
+        # Changes to tracked files mark the commit, except the bench's own outputs (results, docs, plots).
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)bench/results", ":(exclude)docs"], cwd=ROOT, capture_output=True, text=True)
+        dirty = bool(changed.stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
