@@ -13,7 +13,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import requests
 import yaml
@@ -161,7 +160,3 @@ def wait_http(url: str, timeout_s: float, proc=None) -> None:
             pass
         time.sleep(0.25)
     raise RuntimeError(f"{url} did not answer within {timeout_s:g} s")
-
-
-def scratch() -> Path:
-    return Path(tempfile.mkdtemp(prefix="flashtile-bench-"))

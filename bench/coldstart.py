@@ -21,20 +21,10 @@ import yaml
 
 from bench.cluster import TEMPLATE, free_port, wait_http
 from bench.common import PROMPT, Figure, column, med, p95
+from tests.conftest import start_moto
 
 BODY = {"prompt": PROMPT, "size": "1k", "mode": "fast", "seed": 7}
 LIMIT_S = 300
-
-
-def start_moto() -> tuple[subprocess.Popen, dict]:
-    """moto's S3 server on a free loopback port; returns it and the AWS_* environment that points at it."""
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url, 30, proc)
-    return proc, {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                  "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def cold_start(model: str | None, env: dict) -> dict:
@@ -84,7 +74,9 @@ def run(quick: bool, names=()) -> list[Figure]:
                  "a 1K fast request", quick)
     runs = 1 if quick else 2
     model_dir = ensure_default_model()
-    moto, s3_env = start_moto()
+    moto, url = start_moto()  # the tests' own S3 server
+    s3_env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+              "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in s3_env}
     os.environ.update(s3_env)
     try:

@@ -74,15 +74,14 @@ def environment() -> dict:
     }
 
 
-def p95(values: list[float]) -> float:
-    """Nearest-rank 95th percentile (with under 20 samples: the largest)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
-
-
 def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (p95 of under 20 samples: the largest)."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def p95(values: list[float]) -> float:
+    return percentile(values, 95)
 
 
 def summary(values: list[float]) -> dict:
@@ -177,10 +176,6 @@ def _jsonable(value):
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"not JSON: {type(value).__name__}")
-
-
-def fmt_s(seconds: float) -> float:
-    return round(seconds, 3)
 
 
 def ratio(a: float, b: float) -> float:

@@ -7,7 +7,6 @@ format, is timed beside them. Decoded sizes are the same for every PNG row (loss
 """
 
 import io
-import zlib
 
 from PIL import Image
 

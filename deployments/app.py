@@ -63,9 +63,9 @@ class AppArgs(BaseModel):
         return entries
 
 
-# A deployment's batch can hold no more requests than the replica accepts at once: deployment -> its batch size arg.
-BATCHED = {"base_generator": "generator_max_batch", "prompt_encoder": "encoder_max_batch"}
-DEPLOYMENTS = {"base_generator": GeneratorDeployment, "prompt_encoder": EncoderDeployment}
+# A deployment's batch can hold no more requests than the replica accepts at once: the batched deployments and
+# the arg that sets each one's batch size.
+BATCHED = [(GeneratorDeployment, "generator_max_batch"), (EncoderDeployment, "encoder_max_batch")]
 
 
 def check_config(config: dict) -> None:
@@ -77,11 +77,11 @@ def check_config(config: dict) -> None:
             continue
         args = AppArgs.model_validate(app.get("args") or {})
         options = {d.get("name"): d for d in app.get("deployments") or []}
-        for deployment, arg in BATCHED.items():
-            ongoing = options.get(deployment, {}).get("max_ongoing_requests", DEPLOYMENTS[deployment].max_ongoing_requests)
+        for deployment, arg in BATCHED:
+            ongoing = options.get(deployment.name, {}).get("max_ongoing_requests", deployment.max_ongoing_requests)
             if ongoing < getattr(args, arg):
                 raise ValueError(
-                    f"application {app.get('name')!r}: {deployment} max_ongoing_requests ({ongoing}) must be at least "
+                    f"application {app.get('name')!r}: {deployment.name} max_ongoing_requests ({ongoing}) must be at least "
                     f"{arg} ({getattr(args, arg)}): a replica never holds more requests than that, so larger batches "
                     "never fill")
 

@@ -17,7 +17,6 @@ from PIL import Image, PngImagePlugin
 from stages import watermark
 from stages.sizes import OUTPUT_FORMATS
 
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PNG_OPTIONS = {"compress_level": 6, "compress_type": zlib.Z_RLE}
 DEFAULT_COMPRESSION = 100  # OpenAI's default output_compression: the lossy formats at their highest quality
 _EXIF_DESCRIPTION, _EXIF_SOFTWARE = 0x010E, 0x0131
