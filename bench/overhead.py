@@ -17,7 +17,7 @@ from bench.cluster import Cluster, app_config, generate
 from bench.common import PROMPT, Figure, interleaved, med, p95, column, ratio
 from bench.local import Local
 from stages import tiling
-from stages.pipeline import REFINE_BUDGET
+from stages.sizes import REFINE_BUDGET
 
 FULL = [("preview", "fast"), ("1k", "fast"), ("1k", "quality"), ("2k", "fast"), ("2k", "quality"), ("4k", "fast"),
         ("4k", "quality")]

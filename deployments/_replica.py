@@ -2,11 +2,13 @@
 
 import asyncio
 
+import ray
 import torch
 from ray import serve
 
 from deployments import metrics
 from deployments.storage import StorageError, open_model
+from stages.driver import Part
 from stages.models import ModelDir
 
 
@@ -50,3 +52,14 @@ class TileQueue:
         work = asyncio.get_running_loop().run_in_executor(None, fn, *args)
         work.add_done_callback(lambda _: self._turn.release())  # the turn ends when the thread does
         return await asyncio.shield(work)
+
+
+def stored(pixels, **meta) -> Part:
+    """Pixels into the object store, by reference: the next stage's replica reads them from there, and the replica
+    that runs the driver (the ingress) only ever holds the reference and `meta`."""
+    return Part(ray.put(pixels), meta)
+
+
+async def fetch(part: Part):
+    """The pixels a Part refers to."""
+    return await part.pixels if isinstance(part.pixels, ray.ObjectRef) else part.pixels

@@ -5,6 +5,7 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve import Application
 
+from deployments.compositor import CompositorDeployment
 from deployments.encoder import EncoderDeployment
 from deployments.generator import GeneratorDeployment
 from deployments.ingress import Ingress
@@ -34,6 +35,8 @@ class AppArgs(BaseModel):
     url_ttl_s: int = Field(default=900, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned output URLs.")
     upscale_tile: int = Field(default=256, ge=32, le=2048, description="Upscaler tile side, input pixels.")
     upscale_overlap: int = Field(default=16, ge=0, le=256, description="Overlap between upscaler tiles, input pixels.")
+    upscale_tiles_per_call: int = Field(default=1, ge=1, le=256, description="Upscaler tiles per call to a replica.")
+    refine_tiles_per_call: int = Field(default=1, ge=1, le=64, description="Refiner tiles per call to a replica.")
     # Security and reliability (README: Security and reliability).
     api_keys: list[str] = Field(
         default_factory=list, description="Accepted API keys, best as `sha256:<hex>` digests; FLASHTILE_API_KEYS adds "
@@ -88,10 +91,14 @@ def check_config(config: dict) -> None:
 
 def build_app(args: dict) -> Application:
     a = AppArgs.model_validate(args or {})
-    model = (a.model, a.device, a.torch_threads)
-    encoder = EncoderDeployment.bind(a.model, a.encoder_device or a.device, a.torch_threads, a.encoder_max_batch)
-    generator = GeneratorDeployment.bind(*model, a.generator_max_batch, a.generator_batch_wait_s)
-    upscaler = UpscalerDeployment.bind(*model, a.upscale_tile, a.upscale_overlap)
-    refiner = RefinerDeployment.bind(*model)
+    model = dict(model=a.model, device=a.device, torch_threads=a.torch_threads)
     guard = a.model_dump(include={"api_keys", "limits", "prompt_blocklist", "max_in_flight", "request_timeout_s", "retry_after_s"})
-    return Ingress.bind(encoder, generator, upscaler, refiner, a.torch_threads, a.output, a.url_ttl_s, guard=guard)
+    return Ingress.bind(
+        encoder=EncoderDeployment.bind(a.model, a.encoder_device or a.device, a.torch_threads, a.encoder_max_batch),
+        generator=GeneratorDeployment.bind(**model, max_batch=a.generator_max_batch, batch_wait_s=a.generator_batch_wait_s),
+        upscaler=UpscalerDeployment.bind(**model, tile_size=a.upscale_tile, overlap=a.upscale_overlap,
+                                         tiles_per_call=a.upscale_tiles_per_call),
+        refiner=RefinerDeployment.bind(**model, tiles_per_call=a.refine_tiles_per_call),
+        compositor=CompositorDeployment.bind(torch_threads=a.torch_threads),
+        output=a.output, url_ttl_s=a.url_ttl_s, guard=guard,
+    )

@@ -36,8 +36,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from stages.driver import FileSpec
     from stages.pipeline import Flashtile
-    from stages.imagefile import encode_image, provenance
 
     # 2. Load the model (the embedded default unless --model names a directory).
     started = time.perf_counter()
@@ -59,29 +59,22 @@ def _generate(args: argparse.Namespace) -> int:
         if bar is None:
             for done in bars.values():  # stages run one after another: one live bar at a time
                 done.close()
-            unit = {"base": "step", "encode": "prompt"}.get(event.stage, "tile")
+            unit = "step" if event.stage == "base" else "tile"
             bar = bars[event.stage] = tqdm(total=event.total, desc=f"{event.stage:>8}", unit=unit, disable=args.quiet)
         bar.total = event.total
         bar.n = event.step
         bar.refresh()
 
-    result = flashtile(params, on_progress=progress)
+    # 4. The file carries its provenance (PNG text chunks, JPEG/WebP EXIF) and the watermark, whose request id is a
+    #    hash of the resolved request and model: a rerun, here or on the cluster, writes the same bytes.
+    result = flashtile.render(params, FileSpec(request.output_format, request.output_compression), on_progress=progress)
     for bar in bars.values():
         bar.close()
-
-    # 4. Write the file with its provenance (PNG text chunks, JPEG/WebP EXIF). The watermark's request id is a hash of
-    #    the request and what ran, so a rerun writes the same bytes.
-    import hashlib
-    import json
-
-    unsigned = provenance(params, result.steps, result.model_id, request_id="")
-    request_id = hashlib.sha256(json.dumps(unsigned, sort_keys=True).encode()).hexdigest()[:12]
-    text = provenance(params, result.steps, result.model_id, request_id)
-    Path(args.output).write_bytes(encode_image(result.image, text, request_id=request_id, output_format=request.output_format))
+    Path(args.output).write_bytes(result.output)
     timings = " ".join(f"{k}={v:.2f}s" for k, v in result.timings.items())
     print(
         f"wrote {args.output}: {result.width}x{result.height} seed={params.seed} mode={params.mode} "
-        f"request_id={request_id} "
+        f"request_id={result.request_id} "
         f"steps={result.steps} load={loaded - started:.2f}s {timings} total={time.perf_counter() - started:.2f}s"
         + (" (prompt truncated at the encoder's token limit)" if result.prompt_truncated else "")
     )

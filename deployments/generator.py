@@ -1,6 +1,7 @@
 """Base generator deployment: a thin wrapper around stages.generate.BaseGenerator."""
 
 import asyncio
+import base64
 import queue
 import threading
 from collections import defaultdict
@@ -8,8 +9,10 @@ from collections import defaultdict
 from ray import serve
 
 from deployments import metrics
-from deployments._replica import load_model, replica_id
+from deployments._replica import load_model, replica_id, stored
+from stages.driver import GeneratorInfo, Part
 from stages.generate import BaseGenerator, latent_preview
+from stages.imagefile import encode_png
 from stages.types import BaseImage, Cancelled, PromptEmbeds, StepEvent
 
 
@@ -27,25 +30,20 @@ class GeneratorDeployment:
         self._batched.set_max_batch_size(max_batch)
         self._batched.set_batch_wait_timeout_s(batch_wait_s)
 
-    def info(self) -> dict:
+    def info(self) -> GeneratorInfo:
         g = self._generator
-        return {
-            "model_id": g.model_id,
-            "base_resolution": g.base_resolution,
-            "size_multiple": g.size_multiple,
-            "default_scheduler": g.default_scheduler,
-            "default_guidance": g.default_guidance,
-        }
+        return GeneratorInfo(g.model_id, g.base_resolution, g.size_multiple, g.default_scheduler, g.default_guidance)
 
-    async def generate(self, embeds: PromptEmbeds, params: dict) -> BaseImage:
-        """One base image. Requests that arrive together share a denoising batch (see _batched).
+    async def generate(self, embeds: PromptEmbeds, params: dict) -> Part:
+        """One base image, into the object store. Requests that arrive together share a denoising batch (see
+        _batched).
 
         When the caller cancels (client gone, deadline), the request leaves its batch; a batch whose
         requests have all left stops at its next step.
         """
         gone = threading.Event()
         try:
-            return await self._batched(embeds, params, gone)
+            return _part(await self._batched(embeds, params, gone), embeds)
         except asyncio.CancelledError:
             gone.set()
             raise
@@ -76,11 +74,11 @@ class GeneratorDeployment:
                 out[i] = image
         return out
 
-    def generate_stream(self, embeds: PromptEmbeds, params: dict, preview_every: int = 1):
-        """Yields {"stage", "step", "total"[, "preview"]} per step, then the BaseImage.
+    def generate_stream(self, embeds: PromptEmbeds, params: dict, preview_every: int = 1, request_id: str = ""):
+        """Yields {"stage", "step", "total"[, "preview_png_b64"]} per step, then the base image's Part.
 
-        A preview is the denoised estimate at latent resolution ([1, 3, h/8, w/8]). When the caller stops
-        reading (a client went away), the run stops at its next step.
+        A preview is the denoised estimate at latent resolution (1/8 of the image), a watermarked PNG. When the
+        caller stops reading (a client went away), the run stops at its next step.
         """
         events: queue.Queue = queue.Queue()
         stop, end = threading.Event(), object()
@@ -94,12 +92,13 @@ class GeneratorDeployment:
                 raise Cancelled()
             item = {"stage": "base", "step": event.step, "total": event.total}
             if preview_every and (event.step % preview_every == 0 or event.step == event.total):
-                item["preview"] = latent_preview(event.denoised, self._generator.family)
+                png = encode_png(latent_preview(event.denoised, self._generator.family), request_id=request_id)
+                item["preview_png_b64"] = base64.b64encode(png).decode()
             events.put(item)
 
         def work() -> None:
             try:
-                events.put(self._generate(embeds, params, on_step))
+                events.put(_part(self._generate(embeds, params, on_step), embeds))
             except BaseException as err:  # handed to the reader, which re-raises it
                 events.put(err)
             finally:
@@ -120,6 +119,10 @@ class GeneratorDeployment:
             base = self._generator(embeds, on_step=on_step, **params)
         base.meta["replica"] = replica_id()
         return base
+
+
+def _part(base: BaseImage, embeds: PromptEmbeds) -> Part:
+    return stored(base.image, steps=base.steps, prompt_truncated=embeds.truncated, **base.meta)
 
 
 class _Run:

@@ -1,6 +1,5 @@
-"""HTTP ingress and the DAG's driver: validates, calls the stage deployments, encodes the PNG.
-
-Only this deployment encodes PNG. Between stages travel Ray objects: embeddings, the base image, tiles.
+"""HTTP ingress: validates and admits requests, runs the pipeline (stages/driver.py) over the stage deployments,
+answers with the encoded file. No pixels come here: stage replicas pass them to each other by reference.
 """
 
 import asyncio
@@ -12,10 +11,8 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
 
-import torch
 from PIL import Image, UnidentifiedImageError
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,17 +39,14 @@ from deployments.schemas import (
 )
 from deployments import guard as _guard
 from deployments.guard import Guard, GuardMiddleware, Refusal, error as _error
+from deployments.executor import ServeExecutor, StageHandles
 from deployments.storage import LocalOutputStore, OutputStore, StorageError
-from stages import sizes
-from stages.pipeline import REFINE_BUDGET, guidance_for, resolve_params
-from stages import watermark
-from stages.imagefile import encode_image, encode_png, provenance
-from stages.refine import blend_tiles, select_tiles
-from stages.upscale import TiledUpscale, resize
+from stages import driver, sizes
+from stages.driver import FileSpec, StageInfo
+from stages.pipeline import guidance_for, resolve_params
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="Flashtile", version="0.1.0", description="Fast 4K image generation.")
-PREVIEWS_PER_RUN = 8  # streamed base previews per request, at most
 MAX_DETECT_PIXELS = 8192 * 8192  # images larger than this are refused before decoding
 
 
@@ -62,42 +56,6 @@ api.add_middleware(GuardMiddleware)
 def _body_hash(request: GenerateRequest) -> str:
     """Identity of a request body for Idempotency-Key checks (field order and defaults do not matter)."""
     return hashlib.sha256(request.model_dump_json(exclude={"timeout_s"}).encode()).hexdigest()
-
-
-class _Calls:
-    """One request's stage calls still open; when the request ends early they are cancelled together, so
-    queued tiles are dropped and the generator stops at its next step."""
-
-    def __init__(self):
-        self._open: dict[int, tuple[str, object]] = {}
-        self._closing = False
-
-    def add(self, stage: str, response):
-        self._open[id(response)] = (stage, response)
-        return response
-
-    def done(self, response) -> None:
-        self._open.pop(id(response), None)
-
-    async def wait(self, response):
-        """The call's result (a coroutine, for asyncio.as_completed)."""
-        try:
-            result = await response
-        except Exception:
-            if self._closing:  # cancelled by cancel_all: nobody reads this result any more
-                return None
-            raise
-        self.done(response)
-        return result
-
-    def cancel_all(self) -> Counter:
-        self._closing = True
-        dropped = Counter()
-        for stage, response in self._open.values():
-            response.cancel()
-            dropped[stage] += 1
-        self._open.clear()
-        return dropped
 
 
 _in_flight = 0  # requests inside this ingress replica (one event loop: no lock needed)
@@ -169,11 +127,6 @@ def _sse_error(kind: str, message: str, **extra) -> str:
     return f"event: error\ndata: {json.dumps({'type': kind, 'message': message, **extra})}\n\n"
 
 
-def _detect(data: bytes):
-    with Image.open(io.BytesIO(data)) as image:
-        return watermark.detect(image.convert("RGB"))
-
-
 # Defined before the deployment: @serve.ingress serialises the app, and what it uses, at class definition.
 class _Slot:
     """Capacity held by one request in its ingress replica (see Ingress._admit)."""
@@ -199,19 +152,19 @@ class _Slot:
 class Ingress:
     def __init__(
         self,
+        *,
         encoder: DeploymentHandle,
         generator: DeploymentHandle,
         upscaler: DeploymentHandle,
         refiner: DeploymentHandle,
-        torch_threads: int = 1,
+        compositor: DeploymentHandle,
         output: str | None = None,
         url_ttl_s: int = 900,
-        *,
         guard: dict,
     ):
-        torch.set_num_threads(torch_threads)  # blending and PNG encoding; the proxy shares the node's cores
-        self._encoder, self._generator, self._upscaler, self._refiner = encoder, generator, upscaler, refiner
-        self._info: dict | None = None
+        # The ingress routes and runs the driver; pixels stay in the stage replicas (deployments/executor.py).
+        self._stages = StageHandles(encoder, generator, upscaler, refiner, compositor)
+        self._info: StageInfo | None = None
         self._store = OutputStore.from_location(output)
         self._url_ttl_s = url_ttl_s
         self._active = 0  # images in progress in this replica (one event loop: no lock needed)
@@ -227,7 +180,7 @@ class Ingress:
 
     async def _screen(self, request: GenerateRequest, images: int = 1) -> None:
         """Refuse what this server will not run, before any model work: limits (422), policy (400)."""
-        base = (await self._stage_info())["generator"]["base_resolution"]
+        base = (await self._stage_info()).generator.base_resolution
         exceeded = self._guard.limits.check(request, images, base)
         if exceeded is not None:
             raise Refusal(422, "limit_exceeded", exceeded.message, limit=exceeded.limit, allowed=exceeded.allowed)
@@ -258,12 +211,9 @@ class Ingress:
             metrics.get().cancellations.inc(tags={"stage": "request", "reason": "disconnect"})
             raise
 
-    async def _stage_info(self) -> dict:
+    async def _stage_info(self) -> StageInfo:
         if self._info is None:
-            gen, up, ref = await asyncio.gather(
-                self._generator.info.remote(), self._upscaler.info.remote(), self._refiner.info.remote()
-            )
-            self._info = {"generator": gen, "upscaler": up, "refiner": ref}
+            self._info = await self._stages.info()
         return self._info
 
     # --- the DAG ------------------------------------------------------------------------------------------
@@ -297,120 +247,31 @@ class Ingress:
         raise RuntimeError("the DAG ended without a result")
 
     async def _run(self, request: GenerateRequest, stream: bool) -> AsyncIterator[dict]:
-        """Run the four stages for one request, yielding progress events and, last, {"event": "result"}."""
-        calls = _Calls()
-        try:
-            async for event in self._stages(request, stream, calls):
-                yield event
-        finally:
-            # Ended early (deadline, client gone, a stage failed): stop the work nobody will read.
-            for stage, n in calls.cancel_all().items():
-                if stage in ("upscale", "refine"):  # tiles still queued or running; the replicas drop the queued
-                    metrics.get().cancellations.inc(n, tags={"stage": stage, "reason": "cancelled"})
-
-    async def _stages(self, request: GenerateRequest, stream: bool, calls: _Calls) -> AsyncIterator[dict]:
+        """The pipeline for one request (stages/driver.py over this cluster's stage replicas): progress events, then
+        {"event": "result", "result": GenerateResult, "output_key": the stored image's key when response_format is url}."""
         info = await self._stage_info()
-        g = info["generator"]
-        params = resolve_params(default_scheduler=g["default_scheduler"], default_guidance=g["default_guidance"],
+        g = info.generator
+        params = resolve_params(default_scheduler=g.default_scheduler, default_guidance=g.default_guidance,
                                 **request.stage_fields())
-        request_id = watermark.new_request_id()  # carried by the image's watermark
-        timings, steps, replicas = {}, {}, {}
-
-        # 1+2. Encode and generate: the encoder's response goes to the generator unawaited (a reference).
-        t0 = time.perf_counter()
-        embeds = calls.add("encode", self._encoder.encode.remote(params.prompt, params.negative_prompt))
-        width, height = sizes.base_size(params.aspect_ratio, g["base_resolution"], g["size_multiple"])
-        base_params = dict(seed=params.seed, width=width, height=height, steps=params.steps,
-                           guidance_scale=params.guidance_scale, scheduler=params.scheduler, mode=params.mode)
-        if stream:
-            every = max(1, params.steps // PREVIEWS_PER_RUN)
-            progress = calls.add("base", self._generator.options(stream=True).generate_stream.remote(embeds, base_params, every))
-            async for item in progress:
-                if isinstance(item, dict):
-                    preview = item.pop("preview", None)
-                    if preview is not None:
-                        png = encode_png(preview, request_id=request_id)
-                        item["preview_png_b64"] = base64.b64encode(png).decode()
-                    yield {"event": "progress", **item}
-                else:
-                    base = item
-            calls.done(progress)
-        else:
-            base = await calls.wait(calls.add("base", self._generator.generate.remote(embeds, base_params)))
-        timings["encode+base"] = time.perf_counter() - t0
-        steps["base"], replicas["base_generator"] = base.steps, [base.meta.get("replica", "")]
-        image = base.image
-
-        if params.size != "preview":
-            # 3. Upscale: every tile of every pass is its own call, spread over the upscaler's replicas.
-            t0 = time.perf_counter()
-            up = info["upscaler"]
-            geometry = TiledUpscale(up["scale"], up["tile_size"], up["overlap"])
-            passes = geometry.plan((image.shape[-1], image.shape[-2]), sizes.output_size(params.size, params.aspect_ratio, 0))
-            total, done, seen, compute = geometry.count_tiles(passes), 0, set(), 0.0
-            for p in passes:
-                if p.kind == "resize":
-                    image = resize(image, p.size)
-                    continue
-                pending = [calls.add("upscale", self._upscaler.upscale_tile.remote(t)) for t in geometry.split(image)]
-                tiles = []
-                for call in asyncio.as_completed([calls.wait(c) for c in pending]):
-                    tiles.append(await call)
-                    done += 1
-                    if stream:
-                        yield {"event": "progress", "stage": "upscale", "step": done, "total": total}
-                # Blend in tile order, not completion order: float sums in a fixed order give the same pixels every run.
-                image = geometry.merge(sorted(tiles, key=lambda t: t.index), (image.shape[-1], image.shape[-2]))
-                seen |= {t.meta["replica"] for t in tiles}
-                compute += sum(t.meta.get("compute_s", 0.0) for t in tiles)
-            timings["upscale"] = time.perf_counter() - t0
-            timings["upscale_compute"] = compute  # summed over tiles, whichever replica ran them
-            steps["upscale_tiles"], replicas["upscaler"] = done, sorted(seen)
-
-            # 4. Refine the most detailed tiles, each on whichever refiner replica is free.
-            t0 = time.perf_counter()
-            ref = info["refiner"]
-            chosen = select_tiles(image, ref["tile_size"], ref["overlap"], REFINE_BUDGET[params.size])
-            pending = [
-                calls.add("refine", self._refiner.refine_tile.remote(t, embeds, params.seed, params.steps, params.guidance_scale))
-                for t in chosen
-            ]
-            refined = {}
-            for call in asyncio.as_completed([calls.wait(c) for c in pending]):
-                tile = await call
-                refined[tile.index] = tile
-                if stream:
-                    yield {"event": "progress", "stage": "refine", "step": len(refined), "total": len(chosen)}
-            for tile in chosen:
-                tile.result = refined[tile.index].result
-            image = blend_tiles(image, chosen, ref["overlap"])
-            timings["refine"] = time.perf_counter() - t0
-            timings["refine_compute"] = sum(t.meta.get("compute_s", 0.0) for t in refined.values())
-            steps["refine_tiles"] = len(chosen)
-            steps["refine_steps_per_tile"] = next(iter(refined.values())).meta["steps"] if refined else 0
-            replicas["refiner"] = sorted({t.meta["replica"] for t in refined.values()})
-
-        # 5. Watermark and encode the file (the only full-size encode in the DAG), off the event loop.
-        t0 = time.perf_counter()
-        embeds_result = await calls.wait(embeds)
-        fmt = request.output_format
-        data = await asyncio.to_thread(
-            encode_image, image.clamp(0, 1), request_id=request_id, output_format=fmt,
-            compression=request.output_compression, text=provenance(params, steps, g["model_id"], request_id))
-        timings["watermark+encode"] = time.perf_counter() - t0
-        metrics.get().images.inc(tags={"size": params.size, "mode": params.mode})
-        delivery, output_key = {"image_b64": base64.b64encode(data).decode()}, None
-        if request.response_format == "url":
-            output_key = f"images/{time.strftime('%Y-%m-%d')}/{uuid.uuid4().hex}.{fmt}"
-            await self._put(output_key, data, MEDIA_TYPES[fmt])
-            delivery = {}  # the caller signs the URL: only it knows the client's base URL
-        yield {"event": "result", "output_key": output_key, "result": GenerateResult(
-            **delivery, output_format=fmt, request_id=request_id, seed=params.seed, width=image.shape[-1], height=image.shape[-2],
-            size=params.size, aspect_ratio=params.aspect_ratio, mode=params.mode, scheduler=params.scheduler,
-            guidance_scale=params.guidance_scale,
-            model=g["model_id"], steps=steps, timings={k: round(v, 4) for k, v in timings.items()},
-            prompt_truncated=embeds_result.truncated, replicas=replicas, base_batch_size=base.meta.get("batch_size", 1),
-        )}
+        file = FileSpec(request.output_format, request.output_compression)
+        async for event in driver.run(ServeExecutor(self._stages, info), params, file, stream):
+            if event["event"] != "result":
+                yield event
+                continue
+            r: driver.Render = event["render"]
+            metrics.get().images.inc(tags={"size": params.size, "mode": params.mode})
+            delivery, output_key = {"image_b64": base64.b64encode(r.output).decode()}, None
+            if request.response_format == "url":
+                output_key = f"images/{time.strftime('%Y-%m-%d')}/{uuid.uuid4().hex}.{file.output_format}"
+                await self._put(output_key, r.output, MEDIA_TYPES[file.output_format])
+                delivery = {}  # the caller signs the URL: only it knows the client's base URL
+            yield {"event": "result", "output_key": output_key, "result": GenerateResult(
+                **delivery, output_format=file.output_format, request_id=r.request_id, seed=params.seed, width=r.width,
+                height=r.height, size=params.size, aspect_ratio=params.aspect_ratio, mode=params.mode,
+                scheduler=params.scheduler, guidance_scale=params.guidance_scale, model=r.model_id, steps=r.steps,
+                timings={k: round(v, 4) for k, v in r.timings.items()}, prompt_truncated=r.prompt_truncated,
+                replicas=r.replicas, base_batch_size=r.base_batch_size,
+            )}
 
     # --- storage and idempotency ---------------------------------------------------------------------
 
@@ -555,7 +416,7 @@ class Ingress:
               responses=error_responses(400, 401, 403, 404, 408, 413, 422, 500, 503))
     async def openai_images(self, body: ImagesRequest, request: Request):
         info = await self._stage_info()
-        model_id = info["generator"]["model_id"]
+        model_id = info.generator.model_id
         if body.model not in (None, model_id, "flashtile"):
             return _error(404, "model_not_found", f"model must be {model_id!r} (or omitted); got {body.model!r}")
         first = body.to_generate(0)
@@ -589,16 +450,16 @@ class Ingress:
         if width * height > MAX_DETECT_PIXELS:
             raise Refusal(413, "image_too_large", f"image is {width}x{height}; at most {MAX_DETECT_PIXELS} pixels",
                           limit=MAX_DETECT_PIXELS)
-        found = await asyncio.to_thread(_detect, data)
+        found = await self._stages.compositor.detect.remote(data)
         return WatermarkDetectResult(watermarked=found.found, request_id=found.request_id, width=width, height=height,
                                      bit_agreement=round(found.bit_agreement, 4), method=found.method)
 
     @api.get("/v1/models", summary="Models this cluster serves", responses=error_responses(401, 403, 500))
     async def models(self):
-        g = (await self._stage_info())["generator"]
-        return {"object": "list", "data": [{"id": g["model_id"], "object": "model", "owned_by": "flashtile",
-                                            "base_resolution": g["base_resolution"], "tiers": list(sizes.TIERS),
-                                            "default_guidance": {m: guidance_for(m, g["default_guidance"]) for m in sizes.MODES},
+        g = (await self._stage_info()).generator
+        return {"object": "list", "data": [{"id": g.model_id, "object": "model", "owned_by": "flashtile",
+                                            "base_resolution": g.base_resolution, "tiers": list(sizes.TIERS),
+                                            "default_guidance": {m: guidance_for(m, g.default_guidance) for m in sizes.MODES},
                                             "aspect_ratios": list(sizes.ASPECTS)}]}
 
     @api.get("/healthz", summary="Liveness")

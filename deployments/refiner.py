@@ -1,36 +1,40 @@
-"""Refiner deployment: refines one tile per call, so several replicas share one image's detail pass."""
+"""Refiner deployment: refines a few tiles per call, so several replicas share one image's detail pass."""
 
+import asyncio
 import time
 
 from ray import serve
 
 from deployments import metrics
-from deployments._replica import TileQueue, load_model, replica_id
+from deployments._replica import TileQueue, fetch, load_model, replica_id, stored
+from stages.driver import Part, RefinerInfo
 from stages.refine import Refiner
-from stages.types import PromptEmbeds, Tile
+from stages.types import PromptEmbeds
 
 
 @serve.deployment(name="refiner")
 class RefinerDeployment:
-    def __init__(self, model: str | None = None, device: str = "cpu", torch_threads: int = 1):
+    def __init__(self, model: str | None = None, device: str = "cpu", torch_threads: int = 1, tiles_per_call: int = 1):
         self._refiner = Refiner.from_pretrained(load_model(model, torch_threads), device=device)
+        self._tiles_per_call = tiles_per_call
         self._queue = TileQueue("refine")
 
-    def info(self) -> dict:
+    def info(self) -> RefinerInfo:
         r = self._refiner
-        return {"tile_size": r.tile_size, "overlap": r.overlap, "strength": r.strength}
+        return RefinerInfo(r.tile_size, r.overlap, r.strength, self._tiles_per_call)
 
-    async def refine_tile(self, tile: Tile, embeds: PromptEmbeds, seed: int, steps: int, guidance_scale: float) -> Tile:
-        return await self._queue.run(self._refine, tile, embeds, seed, steps, guidance_scale)
+    async def refine(self, crops: list[Part], embeds: PromptEmbeds, seed: int, steps: int, guidance_scale: float) -> Part:
+        """Refine these crops (read from the object store); the results go back there."""
+        pixels = await asyncio.gather(*[fetch(c) for c in crops])
+        return await self._queue.run(self._refine, pixels, [c.meta["box"] for c in crops], embeds, seed, steps,
+                                     guidance_scale)
 
-    def _refine(self, tile: Tile, embeds: PromptEmbeds, seed: int, steps: int, guidance_scale: float) -> Tile:
+    def _refine(self, pixels, boxes, embeds: PromptEmbeds, seed: int, steps: int, guidance_scale: float) -> Part:
         t0 = time.perf_counter()
         with metrics.timed("refine"):
-            tile = self._refiner.refine_tile(tile, embeds, seed=seed, steps=steps, guidance_scale=guidance_scale)
-        tile.meta["compute_s"] = time.perf_counter() - t0
-        metrics.get().tiles.inc(tags={"stage": "refine"})
-        metrics.get().steps.inc(self._refiner.steps_run(steps), tags={"stage": "refine"})
-        tile.pixels = tile.pixels[..., :0, :0]  # the caller has the input; send back only the result
-        tile.meta["replica"] = replica_id()
-        tile.meta["steps"] = self._refiner.steps_run(steps)
-        return tile
+            results = [self._refiner.refine_tile(p, b, embeds, seed=seed, steps=steps, guidance_scale=guidance_scale)
+                       for p, b in zip(pixels, boxes)]
+        run = self._refiner.steps_run(steps)
+        metrics.get().tiles.inc(len(boxes), tags={"stage": "refine"})
+        metrics.get().steps.inc(run * len(boxes), tags={"stage": "refine"})
+        return stored(results, replica=replica_id(), compute_s=time.perf_counter() - t0, steps=run)

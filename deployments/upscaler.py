@@ -1,35 +1,37 @@
-"""Upscaler deployment: upscales one tile per call, so the tiles of one image spread over all replicas."""
+"""Upscaler deployment: upscales a few tiles of one image per call, so one image's tiles spread over all replicas."""
 
 import time
 
 from ray import serve
 
 from deployments import metrics
-from deployments._replica import TileQueue, load_model, replica_id
+from deployments._replica import TileQueue, fetch, load_model, replica_id, stored
+from stages.driver import Part, UpscalerInfo
 from stages.pipeline import upscaler_location
-from stages.types import Tile
+from stages.types import TileBox
 from stages.upscale import Upscaler
 
 
 @serve.deployment(name="upscaler")
 class UpscalerDeployment:
-    def __init__(self, model: str | None = None, device: str = "cpu", torch_threads: int = 1, tile_size: int = 256, overlap: int = 16):
-        self._upscaler = Upscaler.from_pretrained(upscaler_location(load_model(model, torch_threads)), device=device, tile_size=tile_size, overlap=overlap)
+    def __init__(self, model: str | None = None, device: str = "cpu", torch_threads: int = 1, tile_size: int = 256,
+                 overlap: int = 16, tiles_per_call: int = 1):
+        self._upscaler = Upscaler.from_pretrained(upscaler_location(load_model(model, torch_threads)), device=device,
+                                                  tile_size=tile_size, overlap=overlap)
+        self._tiles_per_call = tiles_per_call
         self._queue = TileQueue("upscale")
 
-    def info(self) -> dict:
+    def info(self) -> UpscalerInfo:
         u = self._upscaler
-        return {"scale": u.scale, "tile_size": u.tile_size, "overlap": u.overlap}
+        return UpscalerInfo(u.scale, u.tile_size, u.overlap, self._tiles_per_call)
 
-    async def upscale_tile(self, tile: Tile) -> Tile:
-        return await self._queue.run(self._upscale, tile)
+    async def upscale(self, image: Part, boxes: list[TileBox]) -> Part:
+        """Upscale these boxes of the image (read from the object store); the results go back there."""
+        return await self._queue.run(self._upscale, await fetch(image), boxes)
 
-    def _upscale(self, tile: Tile) -> Tile:
+    def _upscale(self, image, boxes: list[TileBox]) -> Part:
         t0 = time.perf_counter()
         with metrics.timed("upscale"):
-            tile = self._upscaler.upscale_tile(tile)
-        tile.meta["compute_s"] = time.perf_counter() - t0
-        metrics.get().tiles.inc(tags={"stage": "upscale"})
-        tile.pixels = tile.pixels[..., :0, :0]  # the caller has the input; send back only the result
-        tile.meta["replica"] = replica_id()
-        return tile
+            results = self._upscaler.upscale_tiles(image, boxes)
+        metrics.get().tiles.inc(len(boxes), tags={"stage": "upscale"})
+        return stored(results, replica=replica_id(), compute_s=time.perf_counter() - t0)

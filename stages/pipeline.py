@@ -1,9 +1,10 @@
 """All four stages in one process: prompt encoder -> base generator -> upscaler -> refiner.
 
-The cluster runs the same stages as separate deployments; this in-process form backs `flashtile generate`
-and is the reference the cluster's output is compared with.
+`Flashtile` holds the stage objects and runs the pipeline (stages/driver.py) on them: it backs `flashtile generate`
+and is the reference the cluster (the same driver over Ray Serve handles) is compared with, pixel for pixel.
 """
 
+import asyncio
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -11,18 +12,18 @@ from typing import Callable
 
 import torch
 
-from stages import sizes
+from stages import driver, sizes
+from stages.compose import Compositor
+from stages.driver import FileSpec, Part
 from stages.encode import PromptEncoder
 from stages.generate import BaseGenerator
 from stages.models import ModelDir, resolve_model
 from stages.refine import Refiner
-from stages.types import StepEvent
+from stages.types import PromptEmbeds, StepEvent, TileBox
 from stages.upscale import Upscaler
 
 DEFAULT_STEPS = {"fast": 4, "quality": 30}
 DEFAULT_GUIDANCE = 5.0  # for models whose flashtile.json names no guidance for the mode
-# Tiles the refiner may re-denoise per tier: detail goes where the image has the most of it.
-REFINE_BUDGET = {"preview": 0, "1k": 2, "2k": 4, "4k": 8}
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,15 @@ ProgressCallback = Callable[[StepEvent], None]
 
 
 class Flashtile:
-    """The four stages, wired in process."""
+    """The four stages in this process, and the executor that runs the pipeline (stages/driver.py) on them."""
 
-    def __init__(self, encoder: PromptEncoder, generator: BaseGenerator, upscaler: Upscaler, refiner: Refiner):
+    def __init__(self, encoder: PromptEncoder, generator: BaseGenerator, upscaler: Upscaler, refiner: Refiner,
+                 compositor: Compositor | None = None):
         self.encoder = encoder
         self.generator = generator
         self.upscaler = upscaler
         self.refiner = refiner
+        self.compositor = compositor or Compositor()
 
     @classmethod
     def from_pretrained(cls, location: str | None = None, device: str = "cpu") -> "Flashtile":
@@ -144,45 +147,84 @@ class Flashtile:
         g = self.generator
         return sizes.base_size(params.aspect_ratio, g.base_resolution, g.size_multiple)
 
+    def render(self, params: GenerationParams, file: FileSpec = FileSpec(),
+               on_progress: ProgressCallback | None = None) -> driver.Render:
+        """Run the pipeline here, to the file's bytes (`file.output_format` None: to the image)."""
+
+        async def drive() -> driver.Render:
+            async for event in driver.run(self, params, file, stream=on_progress is not None):
+                if event["event"] == "result":
+                    return event["render"]
+                on_progress(StepEvent(event["stage"], event["step"], event["total"]))
+            raise RuntimeError("the pipeline ended without a result")
+
+        return asyncio.run(drive())
+
     def __call__(self, params: GenerationParams, on_progress: ProgressCallback | None = None) -> GenerationResult:
-        timings, steps = {}, {}
-        report = on_progress or (lambda event: None)
+        """The final image as a tensor, before watermark and encoding."""
+        r = self.render(params, FileSpec(output_format=None), on_progress)
+        return GenerationResult(r.output, params, r.model_id, r.steps, r.timings, r.prompt_truncated)
 
-        # 1. Encode the prompt (cached per model and text).
-        t0 = time.perf_counter()
-        embeds = self.encoder(params.prompt, params.negative_prompt)
-        timings["encode"] = time.perf_counter() - t0
-        report(StepEvent("encode", 1, 1))
+    # --- the executor (stages/driver.Executor): each step at once, in this process ------------------------------
 
-        # 2. Compose at base resolution.
-        t0 = time.perf_counter()
-        width, height = self.base_size(params)
-        base = self.generator(
-            embeds, seed=params.seed, width=width, height=height, steps=params.steps,
-            guidance_scale=params.guidance_scale, scheduler=params.scheduler, mode=params.mode, on_step=report,
+    async def info(self) -> driver.StageInfo:
+        g, u, r = self.generator, self.upscaler, self.refiner
+        return driver.StageInfo(
+            driver.GeneratorInfo(g.model_id, g.base_resolution, g.size_multiple, g.default_scheduler, g.default_guidance),
+            driver.UpscalerInfo(u.scale, u.tile_size, u.overlap),
+            driver.RefinerInfo(r.tile_size, r.overlap, r.strength),
         )
-        timings["base"] = time.perf_counter() - t0
-        steps["base"] = base.steps
-        image = base.image
-        if params.size == "preview":
-            return GenerationResult(image, params, self.model_id, steps, timings, embeds.truncated)
 
-        # 3. Upscale to the tier's exact size.
-        t0 = time.perf_counter()
-        image, tiles = self.upscaler(image, self.output_size(params), lambda n, total: report(StepEvent("upscale", n, total)))
-        timings["upscale"] = time.perf_counter() - t0
-        steps["upscale_tiles"] = tiles
+    def encode(self, prompt: str, negative_prompt: str) -> PromptEmbeds:
+        return self.encoder(prompt, negative_prompt)
 
-        # 4. Refine the tiles with the most detail.
+    async def generate(self, embeds: PromptEmbeds, base: dict) -> Part:
+        return self._generate(embeds, base)
+
+    def _generate(self, embeds: PromptEmbeds, base: dict, on_step=None) -> Part:
+        b = self.generator(embeds, on_step=on_step, **base)
+        return Part(b.image, {"steps": b.steps, "prompt_truncated": embeds.truncated})
+
+    async def generate_stream(self, embeds: PromptEmbeds, base: dict, preview_every: int, request_id: str):
+        # The generator runs in a thread; its steps come back through a queue as they happen (no previews here).
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        step = lambda e: loop.call_soon_threadsafe(events.put_nowait, {"stage": "base", "step": e.step, "total": e.total})  # noqa: E731
+        work = asyncio.ensure_future(asyncio.to_thread(self._generate, embeds, base, step))
+        while not (work.done() and events.empty()):
+            getter = asyncio.ensure_future(events.get())
+            await asyncio.wait([getter, work], return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+        yield work.result()
+
+    async def upscale(self, image: Part, boxes: list[TileBox]) -> Part:
         t0 = time.perf_counter()
-        image, refined = self.refiner(
-            image, embeds, seed=params.seed, budget=REFINE_BUDGET[params.size], steps=params.steps,
-            guidance_scale=params.guidance_scale, on_tile=lambda n, total: report(StepEvent("refine", n, total)),
-        )
-        timings["refine"] = time.perf_counter() - t0
-        steps["refine_tiles"] = refined
-        steps["refine_steps_per_tile"] = self.refiner.steps_run(params.steps) if refined else 0
-        return GenerationResult(image, params, self.model_id, steps, timings, embeds.truncated)
+        results = self.upscaler.upscale_tiles(image.pixels, boxes)
+        return Part(results, {"compute_s": time.perf_counter() - t0})
+
+    async def merge(self, parts: list[Part], boxes: list[list[TileBox]], size, scale: int, overlap: int) -> Part:
+        return Part(self.compositor.merge([p.pixels for p in parts], boxes, size, scale, overlap))
+
+    async def resize(self, image: Part, size) -> Part:
+        return Part(self.compositor.resize(image.pixels, size))
+
+    async def select(self, image: Part, budget: int, tile_size: int, overlap: int) -> list[Part]:
+        return [Part(pixels, {"box": box}) for box, pixels in self.compositor.select(image.pixels, budget, tile_size, overlap)]
+
+    async def refine(self, crops: list[Part], embeds: PromptEmbeds, seed: int, steps: int, guidance_scale: float) -> Part:
+        t0 = time.perf_counter()
+        results = [self.refiner.refine_tile(c.pixels, c.meta["box"], embeds, seed=seed, steps=steps,
+                                            guidance_scale=guidance_scale) for c in crops]
+        return Part(results, {"compute_s": time.perf_counter() - t0, "steps": self.refiner.steps_run(steps)})
+
+    async def finish(self, image: Part, refined: list[Part], boxes, overlap: int, request_id: str, text: dict,
+                     file: FileSpec):
+        return self.compositor.finish(image.pixels, [p.pixels for p in refined], boxes, overlap, request_id, text, file)
+
+    def cancel(self) -> dict[str, int]:
+        return {}  # every step ran to its end before the next began
 
 
 def upscaler_location(model: ModelDir):
@@ -190,4 +232,3 @@ def upscaler_location(model: ModelDir):
     if model.upscaler_dir is not None:
         return model.upscaler_dir
     return resolve_model(None).upscaler_dir
-

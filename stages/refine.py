@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from stages import tiling
 from stages.generate import make_scheduler, preferred_scheduler
 from stages.models import ModelDir
-from stages.types import PromptEmbeds, Tile
+from stages.types import PromptEmbeds, TileBox
 
 # The detail pass re-noises each tile to this signal-to-noise ratio: enough to redraw edges, too little to
 # redraw what the tile shows. It is where strength 0.3 starts on the plain cosine schedule; as a noise level
@@ -31,32 +31,33 @@ def detail_map(image: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), _LAPLACIAN).abs()
 
 
-def select_tiles(image: torch.Tensor, tile_size: int, overlap: int, budget: int) -> list[Tile]:
-    """The `budget` tiles with the most detail energy, as independent units of work."""
+def select_tiles(image: torch.Tensor, tile_size: int, overlap: int, budget: int) -> list[TileBox]:
+    """The `budget` boxes of the tile grid with the most detail energy, in grid order."""
     _, _, height, width = image.shape
     detail = detail_map(image)
     boxes = tiling.boxes(width, height, tile_size, overlap)
     scores = [detail[..., y : y + h, x : x + w].mean().item() for x, y, w, h in boxes]
     ranked = sorted(range(len(boxes)), key=lambda i: (-scores[i], i))[: max(0, budget)]
-    tiles = []
-    for i in sorted(ranked):
-        x, y, w, h = boxes[i]
-        tiles.append(Tile(i, x, y, w, h, image[..., y : y + h, x : x + w].clone(), meta={"score": scores[i]}))
-    return tiles
+    return [TileBox(i, *boxes[i]) for i in sorted(ranked)]
 
 
-def blend_tiles(image: torch.Tensor, tiles: list[Tile], overlap: int) -> torch.Tensor:
-    """Composite refined tiles under masks that fall to zero at interior tile edges.
+def crop(image: torch.Tensor, box: TileBox) -> torch.Tensor:
+    """A box of [1, 3, H, W], as its own tensor: [1, 3, h, w]."""
+    return image[..., box.y : box.y + box.h, box.x : box.x + box.w].clone()
 
-    Where refined tiles overlap, their pixels are averaged by mask weight; the union of the masks then
-    blends that over the original. Both are continuous, so no tile edge leaves a seam, in any order.
+
+def blend_tiles(image: torch.Tensor, results: list[torch.Tensor], boxes: list[TileBox], overlap: int) -> torch.Tensor:
+    """Composite refined tiles (`results[i]` is `boxes[i]` refined) under masks that fall to zero at interior edges.
+
+    Where refined tiles overlap, their pixels are averaged by mask weight; the union of the masks then blends that
+    over the original. Both are continuous, so no tile edge leaves a seam. Summed in the boxes' order.
     """
     _, _, height, width = image.shape
     refined = torch.zeros_like(image)
     weight = torch.zeros(1, 1, height, width)
-    for t in tiles:
-        mask = tiling.feather(t.w, t.h, *tiling.ramps((t.x, t.y, t.w, t.h), width, height, overlap), from_zero=True)
-        refined[..., t.y : t.y + t.h, t.x : t.x + t.w] += t.result * mask
+    for t, result in zip(boxes, results, strict=True):
+        mask = tiling.feather(t.w, t.h, *tiling.ramps(t[1:], width, height, overlap), from_zero=True)
+        refined[..., t.y : t.y + t.h, t.x : t.x + t.w] += result * mask
         weight[..., t.y : t.y + t.h, t.x : t.x + t.w] += mask
     cover = weight.clamp(max=1.0)
     return image * (1 - cover) + refined / weight.clamp(min=1e-8) * cover
@@ -108,9 +109,6 @@ class Refiner:
         vae = model.load("vae", dtype)
         return cls(unet.to(device), vae.to(device), model.scheduler_config(), model.model_id, model.family, **kwargs)
 
-    def select(self, image: torch.Tensor, budget: int) -> list[Tile]:
-        return select_tiles(image, self.tile_size, self.overlap, budget)
-
     def steps_run(self, steps: int) -> int:
         """Denoising steps one tile actually runs: img2img skips the first (1 - strength) of the schedule."""
         return max(1, int(self._schedule_steps(steps) * self.strength))
@@ -139,52 +137,28 @@ class Refiner:
         return pipe
 
     @torch.inference_mode()
-    def refine_tile(self, tile: Tile, embeds: PromptEmbeds, *, seed: int, steps: int, guidance_scale: float) -> Tile:
-        """Re-denoise one tile at low strength; the tile's own seed keeps every tile reproducible."""
+    def refine_tile(self, pixels: torch.Tensor, box: TileBox, embeds: PromptEmbeds, *, seed: int, steps: int,
+                    guidance_scale: float) -> torch.Tensor:
+        """Re-denoise one tile ([1, 3, h, w], cut at `box`) at low strength; seed + the tile's index keeps every tile
+        reproducible wherever it runs."""
         device, dtype = self.unet.device, self.unet.dtype
         kwargs = {}
         if self.family == "sdxl":
             kwargs = {
                 "pooled_prompt_embeds": embeds.pooled.to(device, dtype),
                 "negative_pooled_prompt_embeds": embeds.negative_pooled.to(device, dtype),
-                "original_size": (tile.h, tile.w),
-                "target_size": (tile.h, tile.w),
+                "original_size": (box.h, box.w),
+                "target_size": (box.h, box.w),
             }
         out = self._pipeline()(
             prompt_embeds=embeds.prompt_embeds.to(device, dtype),
             negative_prompt_embeds=embeds.negative_embeds.to(device, dtype),
-            image=tile.pixels.to(device, dtype),
+            image=pixels.to(device, dtype),
             strength=self.strength,
             num_inference_steps=self._schedule_steps(steps),
             guidance_scale=guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(seed + tile.index),
+            generator=torch.Generator("cpu").manual_seed(seed + box.index),
             output_type="pt",
             **kwargs,
         ).images  # [1, 3, h, w] in [0, 1]
-        tile.result = out.float().cpu().clamp(0, 1)
-        return tile
-
-    def blend(self, image: torch.Tensor, tiles: list[Tile]) -> torch.Tensor:
-        return blend_tiles(image, tiles, self.overlap)
-
-    def __call__(
-        self,
-        image: torch.Tensor,
-        embeds: PromptEmbeds,
-        *,
-        seed: int,
-        budget: int,
-        steps: int,
-        guidance_scale: float,
-        on_tile=None,
-    ) -> tuple[torch.Tensor, int]:
-        """Refine up to `budget` tiles of [1, 3, H, W]; returns the image and the number of tiles refined."""
-        # 1. Pick the tiles that need detail most.
-        tiles = self.select(image, budget)
-        # 2. Refine each on its own (the cluster fans these out).
-        for n, tile in enumerate(tiles, 1):
-            self.refine_tile(tile, embeds, seed=seed, steps=steps, guidance_scale=guidance_scale)
-            if on_tile is not None:
-                on_tile(n, len(tiles))
-        # 3. Blend back without seams.
-        return self.blend(image, tiles), len(tiles)
+        return out.float().cpu().clamp(0, 1)

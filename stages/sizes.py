@@ -19,6 +19,8 @@ OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
 MAX_GUIDANCE = 30.0  # classifier-free guidance scale, requests and model defaults alike
 
 LONG_SIDE = {"1k": 1024, "2k": 2048, "4k": 4096}
+# Tiles the refiner may re-denoise per tier: detail goes where the image has the most of it.
+REFINE_BUDGET = {"preview": 0, "1k": 2, "2k": 4, "4k": 8}
 
 
 def _ratio(aspect: str) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """Payloads that travel between stages. Images are float tensors in [0, 1], shape [1, 3, H, W]."""
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -34,21 +34,14 @@ class BaseImage:
     meta: dict = field(default_factory=dict)
 
 
-@dataclass
-class Tile:
-    """One independent unit of upscaling or refining work: a box of a source image and its pixels.
-
-    (x, y, w, h) is the box in source pixels; `pixels` is the input, `result` the output once done.
-    """
+class TileBox(NamedTuple):
+    """Where a tile sits: its index in the image's tile grid (row by row) and its box in source pixels."""
 
     index: int
     x: int
     y: int
     w: int
     h: int
-    pixels: torch.Tensor  # [1, 3, h, w]
-    result: torch.Tensor | None = None  # [1, 3, h*s, w*s] for the upscaler, [1, 3, h, w] for the refiner
-    meta: dict = field(default_factory=dict)
 
 
 @dataclass

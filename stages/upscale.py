@@ -1,21 +1,20 @@
 """Upscaler: AI super-resolution from the base image to the tier's exact size, tile by tile.
 
-Each tile is an independent unit of work (the cluster fans tiles out across replicas); overlapping tiles are
-blended with feathered weights, so any output size runs in bounded memory and shows no seams.
+Each tile is an independent unit of work (the cluster spreads tiles over replicas); overlapping tiles are blended
+with feathered weights, so any output size runs in bounded memory and shows no seams.
 """
 
 from stages import _torchvision_compat  # noqa: F401  (first: see that module)
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from stages import tiling
 from stages.models import check_safetensors_only
-from stages.types import Tile
+from stages.types import TileBox
 
 SPANDREL_WEIGHTS = "model.safetensors"
 
@@ -131,98 +130,57 @@ class UpscalePass:
     size: tuple[int, int]
 
 
-class TiledUpscale:
-    """The geometry of a tiled upscale, without weights: plan the passes, cut tiles, blend results.
+def plan(scale: int, src: tuple[int, int], dst: tuple[int, int]) -> list[UpscalePass]:
+    """Model passes at native resolution until the image covers `dst`, then one antialiased resize.
 
-    Whoever holds the image (the in-process Upscaler, or the cluster's ingress fanning tiles out to upscaler
-    replicas) uses this; only `upscale_tile` needs the model.
+    The model never sees a downsampled input: it computes at input resolution, so overshooting and resizing down
+    costs little and keeps all the base image's detail.
+    """
+    passes, (w, h) = [], src
+    n = max(0, math.ceil(math.log(max(dst[0] / w, dst[1] / h), scale) - 1e-9))
+    for _ in range(n):
+        w, h = w * scale, h * scale
+        passes.append(UpscalePass("model", (w, h)))
+    if (w, h) != tuple(dst):
+        passes.append(UpscalePass("resize", tuple(dst)))
+    return passes
+
+
+def merge(results: list[torch.Tensor], boxes: list[TileBox], size: tuple[int, int], scale: int, overlap: int) -> torch.Tensor:
+    """Blend upscaled tiles (`results[i]` is `boxes[i]` x scale) of a `size` = (width, height) source: feathered
+    weights, normalised. Summed in the boxes' order, so the same tiles give the same pixels however they arrived."""
+    s = scale
+    width, height = size
+    canvas = torch.zeros(1, 3, height * s, width * s)
+    weight = torch.zeros(1, 1, height * s, width * s)
+    for b, result in zip(boxes, results, strict=True):
+        left, top, right, bottom = tiling.ramps(b[1:], width, height, overlap)
+        mask = tiling.feather(b.w * s, b.h * s, left * s, top * s, right * s, bottom * s)
+        box = (..., slice(b.y * s, (b.y + b.h) * s), slice(b.x * s, (b.x + b.w) * s))
+        canvas[box] += result.float().cpu() * mask
+        weight[box] += mask
+    return (canvas / weight).clamp(0, 1)
+
+
+class Upscaler:
+    """Tiled AI upscaling: a backend that multiplies a tile's sides by `scale`, and the tile grid it runs on.
+
+    Each tile is upscaled on its own (stages/driver.py plans the passes, spreads the tiles and merges them), so
+    any output size runs in bounded memory, on one process or over many replicas.
     """
 
-    def __init__(self, scale: int, tile_size: int = 256, overlap: int = 16):
+    def __init__(self, backend, tile_size: int = 256, overlap: int = 16):
         if overlap * 2 >= tile_size:
             raise ValueError(f"upscaler overlap {overlap} must be less than half the tile size {tile_size}")
-        self.scale = scale
+        self.backend = backend
+        self.scale = backend.scale
         self.tile_size = tile_size
         self.overlap = overlap
-
-    def plan(self, src: tuple[int, int], dst: tuple[int, int]) -> list[UpscalePass]:
-        """Model passes at native resolution until the image covers `dst`, then one antialiased resize.
-
-        The model never sees a downsampled input: it computes at input resolution, so overshooting and
-        resizing down costs little and keeps all the base image's detail.
-        """
-        passes, (w, h) = [], src
-        n = max(0, math.ceil(math.log(max(dst[0] / w, dst[1] / h), self.scale) - 1e-9))
-        for _ in range(n):
-            w, h = w * self.scale, h * self.scale
-            passes.append(UpscalePass("model", (w, h)))
-        if (w, h) != tuple(dst):
-            passes.append(UpscalePass("resize", tuple(dst)))
-        return passes
-
-    def split(self, image: torch.Tensor) -> list[Tile]:
-        """Cut [1, 3, H, W] into overlapping tiles; each is upscaled on its own."""
-        _, _, height, width = image.shape
-        return [
-            Tile(i, x, y, w, h, image[..., y : y + h, x : x + w].clone())
-            for i, (x, y, w, h) in enumerate(tiling.boxes(width, height, self.tile_size, self.overlap))
-        ]
-
-    def merge(self, tiles: list[Tile], size: tuple[int, int]) -> torch.Tensor:
-        """Blend upscaled tiles of a `size` = (width, height) source: feathered weights, normalised."""
-        s = self.scale
-        width, height = size
-        canvas = torch.zeros(1, 3, height * s, width * s)
-        weight = torch.zeros(1, 1, height * s, width * s)
-        for t in tiles:
-            left, top, right, bottom = tiling.ramps((t.x, t.y, t.w, t.h), width, height, self.overlap)
-            mask = tiling.feather(t.w * s, t.h * s, left * s, top * s, right * s, bottom * s)
-            box = (..., slice(t.y * s, (t.y + t.h) * s), slice(t.x * s, (t.x + t.w) * s))
-            canvas[box] += t.result.float().cpu() * mask
-            weight[box] += mask
-        return canvas / weight
-
-    def count_tiles(self, passes: list[UpscalePass]) -> int:
-        s = self.scale
-        return sum(len(tiling.boxes(p.size[0] // s, p.size[1] // s, self.tile_size, self.overlap)) for p in passes if p.kind == "model")
-
-
-class Upscaler(TiledUpscale):
-    """Tiled AI upscaling to an exact output size, in this process."""
-
-    def __init__(self, backend, tile_size: int = 256, overlap: int = 16):
-        super().__init__(backend.scale, tile_size, overlap)
-        self.backend = backend
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device="cpu", **kwargs) -> "Upscaler":
         return cls(load_upscaler_backend(folder, device=device), **kwargs)
 
-    def upscale_tile(self, tile: Tile) -> Tile:
-        tile.result = self.backend(tile.pixels)  # [1, 3, h*s, w*s]
-        return tile
-
-    def __call__(
-        self,
-        image: torch.Tensor,
-        size: tuple[int, int],
-        on_tile: Callable[[int, int], None] | None = None,
-    ) -> tuple[torch.Tensor, int]:
-        """Upscale [1, 3, h, w] to exactly `size`; returns the image and the number of tiles run."""
-        # 1. Plan: how many model passes, then a final resize to the exact tier size.
-        passes = self.plan((image.shape[-1], image.shape[-2]), size)
-        done = 0
-        total = self.count_tiles(passes)
-        for p in passes:
-            if p.kind == "resize":
-                image = resize(image, p.size)
-                continue
-            # 2. A model pass: split, upscale each tile independently, blend.
-            tiles = self.split(image)
-            for tile in tiles:
-                self.upscale_tile(tile)
-                done += 1
-                if on_tile is not None:
-                    on_tile(done, total)
-            image = self.merge(tiles, (image.shape[-1], image.shape[-2]))
-        return image.clamp(0, 1), done
+    def upscale_tiles(self, image: torch.Tensor, boxes: list[TileBox]) -> list[torch.Tensor]:
+        """Upscale the given boxes of [1, 3, H, W], each on its own: [1, 3, h*s, w*s] per box."""
+        return [self.backend(image[..., b.y : b.y + b.h, b.x : b.x + b.w]) for b in boxes]

@@ -11,8 +11,9 @@ from stages.encode import PromptEncoder
 from stages.generate import BaseGenerator
 from stages.refine import REFINE_START_SNR, Refiner, detail_map, strength_for_snr
 from stages.sizes import SCHEDULERS, output_size
-from stages.types import Cancelled, Tile
-from stages.upscale import Upscaler, build_compact_upscaler
+from stages.refine import blend_tiles, crop, select_tiles
+from stages.types import Cancelled, TileBox
+from stages.upscale import Upscaler, build_compact_upscaler, merge, plan
 
 
 @pytest.fixture(scope="module")
@@ -165,20 +166,27 @@ def _random_compact():
 TILED_MAX, TILED_MEAN = 1e-2, 5e-4
 
 
+def tiled(upscaler: Upscaler, image: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """One model pass over the tile grid, as the driver runs it: every tile on its own, merged in grid order."""
+    size = (image.shape[-1], image.shape[-2])
+    boxes = [TileBox(i, *b) for i, b in enumerate(tiling.boxes(*size, upscaler.tile_size, upscaler.overlap))]
+    return merge(upscaler.upscale_tiles(image, boxes), boxes, size, upscaler.scale, upscaler.overlap), len(boxes)
+
+
 def test_tiled_upscale_equals_untiled_on_a_smooth_image():
     backend = _random_compact()
     image = _smooth_image(96, 80)
     whole = backend(image)
-    tiled, tiles = Upscaler(backend, tile_size=32, overlap=8)(image, (320, 384))
-    assert tiles == 12 and tiled.shape == whole.shape == (1, 3, 384, 320)
-    assert (tiled - whole).abs().max().item() < TILED_MAX
-    assert (tiled - whole).abs().mean().item() < TILED_MEAN
-    assert (tiled - whole).abs().max().item() > 0  # the tiles really were computed apart
+    tiled_image, tiles = tiled(Upscaler(backend, tile_size=32, overlap=8), image)
+    assert tiles == 12 and tiled_image.shape == whole.shape == (1, 3, 384, 320)
+    assert (tiled_image - whole).abs().max().item() < TILED_MAX
+    assert (tiled_image - whole).abs().mean().item() < TILED_MEAN
+    assert (tiled_image - whole).abs().max().item() > 0  # the tiles really were computed apart
 
 
 def test_untrained_compact_upscaler_is_exact_nearest_neighbour():
     image = torch.rand(1, 3, 40, 56)
-    out, _ = Upscaler(build_compact_upscaler(seed=2), tile_size=16, overlap=4)(image, (224, 160))
+    out, _ = tiled(Upscaler(build_compact_upscaler(seed=2), tile_size=16, overlap=4), image)
     assert torch.allclose(out, torch.nn.functional.interpolate(image, scale_factor=4, mode="nearest"), atol=1e-6)
 
 
@@ -187,9 +195,8 @@ def test_untrained_compact_upscaler_is_exact_nearest_neighbour():
 def test_upscale_plan_reaches_every_tier_exactly(tier, aspect):
     from stages.sizes import base_size
 
-    upscaler = Upscaler(build_compact_upscaler(seed=0))
     src, dst = base_size(aspect, 256, 32), output_size(tier, aspect, 256)
-    passes = upscaler.plan(src, dst)
+    passes = plan(4, src, dst)
     assert tuple(passes[-1].size) == dst
     assert [p.kind for p in passes].count("model") == math.ceil(math.log(max(dst[0] / src[0], dst[1] / src[1]), 4) - 1e-9)
 
@@ -210,7 +217,7 @@ def refiner(default_model):
 def test_refiner_picks_the_most_detailed_tiles(refiner):
     image = _smooth_image(128, 192)
     image[..., 70:120, 130:180] = (torch.rand(1, 3, 50, 50) > 0.5).float()  # texture in one corner
-    tiles = refiner.select(image, budget=1)
+    tiles = select_tiles(image, refiner.tile_size, refiner.overlap, budget=1)
     assert len(tiles) == 1
     t = tiles[0]
     assert t.x <= 130 and t.x + t.w >= 180 - 16 and t.y <= 70 and t.y + t.h >= 120 - 16
@@ -219,10 +226,9 @@ def test_refiner_picks_the_most_detailed_tiles(refiner):
 
 def test_refine_blend_is_seam_free(refiner):
     image = _smooth_image(128, 192) * 0.5
-    tiles = refiner.select(image, budget=3)
-    for t in tiles:  # a refined tile as different from its surroundings as can be: a constant shift
-        t.result = t.pixels + 0.4
-    out = refiner.blend(image, tiles)
+    tiles = select_tiles(image, refiner.tile_size, refiner.overlap, budget=3)
+    # A refined tile as different from its surroundings as can be: a constant shift.
+    out = blend_tiles(image, [crop(image, t) + 0.4 for t in tiles], tiles, refiner.overlap)
     # The feather spreads the shift over `overlap` pixels; where two tiles' ramps meet, at most twice as steep.
     # A hard paste would jump by the whole 0.4.
     step = 2 * 0.4 / refiner.overlap
@@ -240,10 +246,11 @@ def test_refine_blend_is_seam_free(refiner):
 
 def test_refiner_runs_img2img_on_selected_tiles(refiner, embeds):
     image = _smooth_image(128, 128)
-    out, n = refiner(image, embeds, seed=4, budget=2, steps=4, guidance_scale=5.0)
-    again, _ = refiner(image, embeds, seed=4, budget=2, steps=4, guidance_scale=5.0)
-    assert n == 2 and out.shape == image.shape and torch.equal(out, again)
-    assert (out - image).abs().max() > 0.01
+    box = select_tiles(image, refiner.tile_size, refiner.overlap, budget=1)[0]
+    out = refiner.refine_tile(crop(image, box), box, embeds, seed=4, steps=4, guidance_scale=5.0)
+    again = refiner.refine_tile(crop(image, box), box, embeds, seed=4, steps=4, guidance_scale=5.0)
+    assert out.shape == crop(image, box).shape and torch.equal(out, again)
+    assert (out - crop(image, box)).abs().max() > 0.01
     assert refiner.steps_run(30) == int(30 * refiner.strength) and refiner.steps_run(1) == 1
 
 

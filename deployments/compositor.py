@@ -1,0 +1,48 @@
+"""Compositor deployment: the pixel work between the models (stages/compose.py) in replicas of its own, off every
+event loop: merge upscaled tiles, resize, cut the tiles to refine, blend, watermark and encode. Its inputs and
+outputs stay in the object store; only the encoded file leaves it."""
+
+import asyncio
+import io
+
+import torch
+from PIL import Image
+from ray import serve
+
+from deployments._replica import fetch, stored
+from stages import watermark
+from stages.compose import Compositor
+from stages.driver import FileSpec, Part
+from stages.types import TileBox
+
+
+@serve.deployment(name="compositor")
+class CompositorDeployment:
+    def __init__(self, torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self._compositor = Compositor()
+
+    async def merge(self, parts: list[Part], boxes: list[list[TileBox]], size, scale: int, overlap: int) -> Part:
+        results = await asyncio.gather(*[fetch(p) for p in parts])
+        return stored(await asyncio.to_thread(self._compositor.merge, results, boxes, size, scale, overlap))
+
+    async def resize(self, image: Part, size) -> Part:
+        return stored(await asyncio.to_thread(self._compositor.resize, await fetch(image), size))
+
+    async def select(self, image: Part, budget: int, tile_size: int, overlap: int) -> list[Part]:
+        chosen = await asyncio.to_thread(self._compositor.select, await fetch(image), budget, tile_size, overlap)
+        return [stored(pixels, box=box) for box, pixels in chosen]
+
+    async def finish(self, image: Part, refined: list[Part], boxes: list[list[TileBox]], overlap: int,
+                     request_id: str, text: dict[str, str], file: FileSpec) -> bytes:
+        pixels, results = await asyncio.gather(fetch(image), asyncio.gather(*[fetch(p) for p in refined]))
+        return await asyncio.to_thread(self._compositor.finish, pixels, list(results), boxes, overlap, request_id, text, file)
+
+    async def detect(self, data: bytes) -> watermark.Detection:
+        """Read the watermark of an encoded image (PNG, JPEG or WebP, checked by the caller)."""
+        return await asyncio.to_thread(_detect, data)
+
+
+def _detect(data: bytes) -> watermark.Detection:
+    with Image.open(io.BytesIO(data)) as image:
+        return watermark.detect(image.convert("RGB"))

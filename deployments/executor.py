@@ -1,0 +1,118 @@
+"""The pipeline's executor over Ray Serve handles (stages/driver.Executor), one per request.
+
+Every answer it awaits is small: a Part's object reference and metadata, the tiles to refine as references, the
+encoded file. Pixels go from stage replica to stage replica through Ray's object store; `no_pixels` checks each
+answer, so a step that sent pixels to the ingress would fail loudly rather than slow every request down.
+"""
+
+import asyncio
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import torch
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from deployments import metrics
+from stages.driver import FileSpec, Part, StageInfo
+from stages.types import TileBox
+
+
+class PixelLeak(TypeError):
+    """An answer to the replica running the driver held an array: pixels must travel by reference."""
+
+
+def no_pixels(value, where: str = "answer"):
+    """`value` itself; raises PixelLeak if any tensor or array is inside it (containers and dataclasses walked)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        raise PixelLeak(f"{where} holds a {type(value).__name__} of shape {tuple(value.shape)}; pixels travel by reference")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            no_pixels(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            no_pixels(v, f"{where}[{i}]")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            no_pixels(getattr(value, f.name), f"{where}.{f.name}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class StageHandles:
+    encoder: DeploymentHandle
+    generator: DeploymentHandle
+    upscaler: DeploymentHandle
+    refiner: DeploymentHandle
+    compositor: DeploymentHandle
+
+    async def info(self) -> StageInfo:
+        generator, upscaler, refiner = await asyncio.gather(
+            self.generator.info.remote(), self.upscaler.info.remote(), self.refiner.info.remote())
+        return StageInfo(generator, upscaler, refiner)
+
+
+class ServeExecutor:
+    def __init__(self, stages: StageHandles, info: StageInfo):
+        self._stages, self._info = stages, info
+        self._open: dict[int, tuple[str, DeploymentResponse]] = {}
+
+    async def info(self) -> StageInfo:
+        return self._info
+
+    def encode(self, prompt: str, negative_prompt: str) -> DeploymentResponse:
+        # Unawaited: Serve hands the embeddings from the encoder to the generator and refiner replicas directly.
+        return self._track("encode", self._stages.encoder.encode.remote(prompt, negative_prompt))
+
+    async def generate(self, embeds, base: dict) -> Part:
+        return await self._call("base", self._stages.generator.generate.remote(embeds, base))
+
+    async def generate_stream(self, embeds, base: dict, preview_every: int, request_id: str):
+        stream = self._track("base", self._stages.generator.options(stream=True).generate_stream.remote(
+            embeds, base, preview_every, request_id))
+        async for item in stream:
+            yield no_pixels(item, "base stream")
+        self._open.pop(id(stream), None)
+
+    async def upscale(self, image: Part, boxes: list[TileBox]) -> Part:
+        return await self._call("upscale", self._stages.upscaler.upscale.remote(image, boxes))
+
+    async def merge(self, parts: list[Part], boxes, size, scale: int, overlap: int) -> Part:
+        return await self._call("compose", self._stages.compositor.merge.remote(parts, boxes, size, scale, overlap))
+
+    async def resize(self, image: Part, size) -> Part:
+        return await self._call("compose", self._stages.compositor.resize.remote(image, size))
+
+    async def select(self, image: Part, budget: int, tile_size: int, overlap: int) -> list[Part]:
+        return await self._call("compose", self._stages.compositor.select.remote(image, budget, tile_size, overlap))
+
+    async def refine(self, crops: list[Part], embeds, seed: int, steps: int, guidance_scale: float) -> Part:
+        return await self._call("refine", self._stages.refiner.refine.remote(crops, embeds, seed, steps, guidance_scale))
+
+    async def finish(self, image: Part, refined: list[Part], boxes, overlap: int, request_id: str, text: dict,
+                     file: FileSpec) -> bytes:
+        return await self._call("compose", self._stages.compositor.finish.remote(
+            image, refined, boxes, overlap, request_id, text, file))
+
+    def cancel(self) -> dict[str, int]:
+        """Cancel the calls still open: queued tiles are dropped, the generator stops at its next step."""
+        dropped = Counter()
+        for stage, response in self._open.values():
+            response.cancel()
+            if stage != "encode":  # the encoder's answer stays open for the refiner until the request ends
+                dropped[stage] += 1
+        self._open.clear()
+        for stage in ("upscale", "refine"):
+            if dropped[stage]:
+                metrics.get().cancellations.inc(dropped[stage], tags={"stage": stage, "reason": "cancelled"})
+        return dict(dropped)
+
+    def _track(self, stage: str, response):
+        self._open[id(response)] = (stage, response)
+        return response
+
+    async def _call(self, stage: str, response: DeploymentResponse):
+        self._track(stage, response)
+        value = await response
+        self._open.pop(id(response), None)
+        return no_pixels(value, stage)
