@@ -96,17 +96,17 @@ def run(quick: bool, names=()) -> list[Figure]:
                 for i in range(runs + 1):  # the first is a warm-up (and compiles)
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    result = flashtile(params)
+                    result = flashtile.render(params)
                     torch.cuda.synchronize()
                     if i:
                         samples.append({"wall_s": time.perf_counter() - t0, **result.timings})
                 key = f"{arch}/{str(dtype)[6:]}/{'compiled' if compiled else 'eager'}/{tier}"
                 fig.samples[key] = samples
-                for stage in ("encode", "base", "upscale", "refine", "wall_s"):
+                for stage in ("encode+base", "upscale", "refine", "watermark+encode", "wall_s"):
                     fig.table.append({"architecture": arch, "dtype": str(dtype)[6:], "compile": compiled, "tier": tier,
                                       "stage": "total" if stage == "wall_s" else stage, "runs": runs,
                                       "s (median)": med(samples, stage),
-                                      "published (base, 30 steps)": PUBLISHED[arch] if stage == "base" else ""})
+                                      "published (base, 30 steps)": PUBLISHED[arch] if stage == "encode+base" else ""})
             del flashtile
             torch.cuda.empty_cache()
     return [fig]

@@ -6,7 +6,6 @@
 """
 
 import asyncio
-import os
 
 from fastapi import FastAPI
 from fastapi.responses import Response
@@ -38,11 +37,7 @@ class Monolith:
         return Response(png, media_type="image/png")
 
     def _render(self, body: GenerateRequest) -> bytes:
-        from stages.imagefile import encode_png
-
-        params = self._flashtile.params(**body.stage_fields())
-        result = self._flashtile(params)
-        return encode_png(result.image, {"prompt": params.prompt, "seed": params.seed}, request_id=os.urandom(6).hex())
+        return self._flashtile.render(self._flashtile.params(**body.stage_fields())).output
 
 
 def build_app(args: dict):

@@ -31,10 +31,10 @@ def split(c: list[dict], l: list[dict]) -> dict[str, float]:
     return {
         "proxy + HTTP": med(c, "wall_s") - med(c, "ingress"),
         "ingress, other": med(c, "ingress") - sum(med(c, k) for k in stage_keys if column(c, k)),
-        "encode + base": med(c, "encode+base") - (med(l, "encode") + med(l, "base")),
+        "encode + base": med(c, "encode+base") - med(l, "encode+base"),
         "upscale": (med(c, "upscale") - med(l, "upscale")) if column(l, "upscale") else 0.0,
         "refine": (med(c, "refine") - med(l, "refine")) if column(l, "refine") else 0.0,
-        "watermark + PNG": med(c, "watermark+encode") - med(l, "png_s"),
+        "watermark + PNG": med(c, "watermark+encode") - med(l, "watermark+encode"),
     }
 
 

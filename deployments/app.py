@@ -23,6 +23,10 @@ class AppArgs(BaseModel):
     device: str = Field(default="cpu", description="torch device of the generator, upscaler and refiner: cpu or cuda.")
     encoder_device: str | None = Field(default=None, description="torch device of the prompt encoder (null: `device`).")
     torch_threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads per model replica.")
+    compositor_threads: int = Field(
+        default=2, ge=1, le=256, description="torch CPU threads per compositor replica: its merge, blend and encode "
+        "are on every request's critical path and run between the models' work.",
+    )
     encoder_max_batch: int = Field(default=16, ge=1, le=256, description="Prompts per text-encoder pass, at most.")
     generator_max_batch: int = Field(default=4, ge=1, le=64, description="Images per denoising batch, at most.")
     generator_batch_wait_s: float = Field(
@@ -99,6 +103,6 @@ def build_app(args: dict) -> Application:
         upscaler=UpscalerDeployment.bind(**model, tile_size=a.upscale_tile, overlap=a.upscale_overlap,
                                          tiles_per_call=a.upscale_tiles_per_call),
         refiner=RefinerDeployment.bind(**model, tiles_per_call=a.refine_tiles_per_call),
-        compositor=CompositorDeployment.bind(torch_threads=a.torch_threads),
+        compositor=CompositorDeployment.bind(torch_threads=a.compositor_threads),
         output=a.output, url_ttl_s=a.url_ttl_s, guard=guard,
     )

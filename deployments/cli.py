@@ -36,8 +36,13 @@ def _generate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    import torch
+
     from stages.driver import FileSpec
     from stages.pipeline import Flashtile
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     # 2. Load the model (the embedded default unless --model names a directory).
     started = time.perf_counter()
@@ -179,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--negative", default="")
     gen.add_argument("--model", help="diffusers-format model directory or s3://bucket/prefix (default: the embedded default)")
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own). The same count as the "
+                     "cluster's torch_threads gives the cluster's bytes exactly")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     gen.set_defaults(func=_generate)
 

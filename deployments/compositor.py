@@ -3,10 +3,8 @@ event loop: merge upscaled tiles, resize, cut the tiles to refine, blend, waterm
 outputs stay in the object store; only the encoded file leaves it."""
 
 import asyncio
-import io
 
 import torch
-from PIL import Image
 from ray import serve
 
 from deployments._replica import fetch, stored
@@ -40,9 +38,4 @@ class CompositorDeployment:
 
     async def detect(self, data: bytes) -> watermark.Detection:
         """Read the watermark of an encoded image (PNG, JPEG or WebP, checked by the caller)."""
-        return await asyncio.to_thread(_detect, data)
-
-
-def _detect(data: bytes) -> watermark.Detection:
-    with Image.open(io.BytesIO(data)) as image:
-        return watermark.detect(image.convert("RGB"))
+        return await asyncio.to_thread(self._compositor.detect, data)

@@ -38,27 +38,31 @@ def no_pixels(value, where: str = "answer"):
     return value
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class StageHandles:
     encoder: DeploymentHandle
     generator: DeploymentHandle
     upscaler: DeploymentHandle
     refiner: DeploymentHandle
     compositor: DeploymentHandle
+    _info: StageInfo | None = None
 
     async def info(self) -> StageInfo:
-        generator, upscaler, refiner = await asyncio.gather(
-            self.generator.info.remote(), self.upscaler.info.remote(), self.refiner.info.remote())
-        return StageInfo(generator, upscaler, refiner)
+        """What the stages are (read once: replicas of a deployment share their settings)."""
+        if self._info is None:
+            generator, upscaler, refiner = await asyncio.gather(
+                self.generator.info.remote(), self.upscaler.info.remote(), self.refiner.info.remote())
+            self._info = StageInfo(generator, upscaler, refiner)
+        return self._info
 
 
 class ServeExecutor:
-    def __init__(self, stages: StageHandles, info: StageInfo):
-        self._stages, self._info = stages, info
+    def __init__(self, stages: StageHandles):
+        self._stages = stages
         self._open: dict[int, tuple[str, DeploymentResponse]] = {}
 
     async def info(self) -> StageInfo:
-        return self._info
+        return await self._stages.info()
 
     def encode(self, prompt: str, negative_prompt: str) -> DeploymentResponse:
         # Unawaited: Serve hands the embeddings from the encoder to the generator and refiner replicas directly.
@@ -93,6 +97,9 @@ class ServeExecutor:
                      file: FileSpec) -> bytes:
         return await self._call("compose", self._stages.compositor.finish.remote(
             image, refined, boxes, overlap, request_id, text, file))
+
+    async def detect(self, data: bytes):
+        return await self._call("compose", self._stages.compositor.detect.remote(data))
 
     def cancel(self) -> dict[str, int]:
         """Cancel the calls still open: queued tiles are dropped, the generator stops at its next step."""

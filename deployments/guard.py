@@ -1,32 +1,12 @@
-"""The ingress's guard: who may call (API keys), how large a body may be, and the refusal responses.
-
-Checked on the raw ASGI request by `GuardMiddleware` before FastAPI parses anything. The settings live here
-in `ACTIVE`, set by each ingress replica at start-up: an imported module, because `@serve.ingress` serialises
-the ingress module's own functions by value, and a global rebound there later would never reach them.
-"""
+"""The ingress's guard: who may call (API keys) and how large a body may be, checked on the raw ASGI request by
+`GuardMiddleware` before FastAPI parses anything, with the settings of the app it guards."""
 
 from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse
 
+from deployments.errors import Overloaded, TooLarge, error
 from deployments.security import ApiKeys, Denied, Limits, PromptPolicy, authorize
-
-ACTIVE: dict = {}  # {"guard": Guard} of this ingress replica
-
-
-def error(status: int, kind: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message, **extra}}, headers=headers)
-
-
-class Refusal(Exception):
-    """A request the ingress answers with an error status before (or instead of) model work."""
-
-    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None, **extra):
-        super().__init__(message)
-        self.status, self.kind, self.message, self.headers, self.extra = status, kind, message, headers, extra
-
-    def response(self) -> JSONResponse:
-        return error(self.status, self.kind, self.message, self.headers, **self.extra)
 
 
 @dataclass
@@ -46,27 +26,22 @@ class Guard:
         return cls(ApiKeys(args["api_keys"]), Limits.model_validate(args["limits"]), PromptPolicy(args["prompt_blocklist"]),
                    args["max_in_flight"], args["request_timeout_s"], args["retry_after_s"])
 
-    def busy(self, message: str = "all replicas are busy; retry later") -> Refusal:
-        return Refusal(503, "overloaded", message, {"Retry-After": str(self.retry_after_s)}, retry_after=self.retry_after_s)
-
-
-def active() -> Guard:
-    """This replica's settings, set by Ingress.__init__."""
-    return ACTIVE["guard"]
+    def busy(self, message: str = "all replicas are busy; retry later") -> Overloaded:
+        return Overloaded(message, retry_after=self.retry_after_s)
 
 
 class GuardMiddleware:
     """Authorisation and body size, checked on the raw ASGI request before FastAPI parses anything."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, guard: Guard):
+        self.app, self.guard = app, guard
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         # 1. Who is calling: a key, or loopback when no key is configured. Open routes pass.
-        guard = active()
+        guard = self.guard
         who = authorize(guard.keys, scope["path"], headers.get("authorization"), (scope.get("client") or (None,))[0])
         if isinstance(who, Denied):
             extra = {"WWW-Authenticate": "Bearer"} if who.status == 401 else None
@@ -105,5 +80,5 @@ class GuardMiddleware:
 
 
 def body_too_large(limit: int) -> JSONResponse:
-    return error(413, "body_too_large", f"request body exceeds the limit max_body_bytes = {limit} bytes "
-                  "(max_image_bytes for /v1/watermark/detect)", limit=limit)
+    return TooLarge(f"request body exceeds the limit max_body_bytes = {limit} bytes (max_image_bytes for "
+                    "/v1/watermark/detect)", limit=limit).response()

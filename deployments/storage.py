@@ -170,6 +170,8 @@ def upload_folder(folder: Path, url: str, client=None) -> int:
 class OutputStore:
     """Where finished images go. `FLASHTILE_OUTPUT` = /some/dir or s3://bucket/prefix. Writes never overwrite."""
 
+    serves_locally = False
+
     @staticmethod
     def from_location(location: str | None = None, client=None) -> "OutputStore":
         location = location or os.environ.get("FLASHTILE_OUTPUT") or str(cache_dir() / "outputs")
@@ -179,6 +181,8 @@ class OutputStore:
 
 
 class LocalOutputStore(OutputStore):
+    serves_locally = True  # the ingress serves these files at /v1/outputs/ (S3 hands out presigned URLs instead)
+
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,12 @@
 refine, blend them back, watermark and encode. `flashtile generate` runs it in process; the cluster in a deployment
 of its own (deployments/compositor.py), so no pixel passes through the ingress."""
 
-import torch
+import io
 
+import torch
+from PIL import Image
+
+from stages import watermark
 from stages.driver import FileSpec
 from stages.imagefile import encode_image
 from stages.refine import blend_tiles, crop, select_tiles
@@ -38,3 +42,8 @@ class Compositor:
             return image
         return encode_image(image, text, request_id=request_id, output_format=file.output_format,
                             compression=file.compression)
+
+    def detect(self, data: bytes) -> watermark.Detection:
+        """Read the watermark of an encoded image (PNG, JPEG or WebP)."""
+        with Image.open(io.BytesIO(data)) as image:
+            return watermark.detect(image.convert("RGB"))

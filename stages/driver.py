@@ -112,6 +112,9 @@ class Executor(Protocol):
                      text: dict[str, str], file: FileSpec) -> Any:
         """Blend the refined tiles in, watermark, encode: the file's bytes (or the image, when file asks none)."""
 
+    async def detect(self, data: bytes) -> Any:
+        """Read the watermark of an encoded image (stages.watermark.Detection)."""
+
     def cancel(self) -> dict[str, int]:
         """Stop the calls still open (the request ended early); how many per stage."""
 

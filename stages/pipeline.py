@@ -223,6 +223,9 @@ class Flashtile:
                      file: FileSpec):
         return self.compositor.finish(image.pixels, [p.pixels for p in refined], boxes, overlap, request_id, text, file)
 
+    async def detect(self, data: bytes):
+        return self.compositor.detect(data)
+
     def cancel(self) -> dict[str, int]:
         return {}  # every step ran to its end before the next began
 
