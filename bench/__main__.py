@@ -23,6 +23,7 @@ FIGURES = {
     "encoding": "bench.encoding",
     "coldstart": "bench.coldstart",
     "gpu": "bench.gpu",
+    "admission": "bench.admission",
 }
 
 

@@ -138,8 +138,8 @@ class Figure:
         return path
 
     @classmethod
-    def load(cls, name: str) -> "Figure | None":
-        path = RESULTS / f"{name}.json"
+    def load(cls, name: str, folder: Path | None = None) -> "Figure | None":
+        path = (folder or RESULTS) / f"{name}.json"
         if not path.exists():
             return None
         return cls(**json.loads(path.read_text()))

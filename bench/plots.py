@@ -124,8 +124,12 @@ def gpu(fig: Figure) -> None:
     bars(fig, ["architecture", "dtype", "compile", "tier", "stage"], "s (median)", "seconds", "Per-stage latency on the GPU")
 
 
+def admission(fig: Figure) -> None:
+    bars(fig, ["round"], "503 p99 ms", "milliseconds", "Refused at twice capacity: 503 latency, p99")
+
+
 DRAW = {"overhead": overhead, "load": load, "monolith": load, "native": native, "fanout": fanout, "modes": modes,
-        "encoding": encoding, "coldstart": coldstart, "gpu": gpu}
+        "encoding": encoding, "coldstart": coldstart, "gpu": gpu, "admission": admission}
 
 
 def draw(fig: Figure) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from bench.common import DOCS, PLOTS, Figure
 
-ORDER = ["overhead", "load", "monolith", "native", "fanout", "modes", "encoding", "coldstart", "gpu"]
+ORDER = ["overhead", "load", "monolith", "admission", "native", "fanout", "modes", "encoding", "coldstart", "gpu"]
 
 HEAD = """# Benchmarks
 
@@ -51,11 +51,41 @@ def headline() -> list[str]:
     return lines
 
 
+BEFORE = DOCS.parent / "bench" / "results" / "before"  # the figures as they stood before the pipeline rework
+
+
+def before_after() -> str:
+    """The serving ratios before the pipeline rework (bench/results/before/, kept as they were) beside the latest."""
+    rows = []
+    for name, key, cols in (("overhead", "ratio", ("tier", "mode")), ("load", "cluster / in-process", ("tier", "clients"))):
+        before, after = Figure.load(name, BEFORE), Figure.load(name)
+        if not (before and after):
+            continue
+        old = {tuple(r[c] for c in cols): r for r in before.table if r.get("variant", "cluster") == "cluster"}
+        for r in after.table:
+            if r.get("variant", "cluster") != "cluster" or tuple(r[c] for c in cols) not in old:
+                continue
+            b = old[tuple(r[c] for c in cols)]
+            what = (f"one {r['tier']} {r['mode']} request: cluster / in-process time" if name == "overhead" else
+                    f"{r['tier']} with {r['clients']} clients: cluster / in-process serial images/s")
+            rows.append(f"| {what} | {b[key]:.2f} (`{before.env['commit']}`) | {r[key]:.2f} (`{after.env['commit']}`) |")
+    if not rows:
+        return ""
+    return ("## Before and after the pipeline rework\n\nBefore: every pixel went through the ingress, which split, merged, "
+            "blended and encoded on its event loop (bench/results/before/, kept as measured). After: one driver, pixels "
+            "by object reference between stage replicas, a compositor deployment (docs/pipeline.md). Same machine "
+            "type; lower is better for time ratios, higher for images/s ratios.\n\n"
+            "| measure | before | after |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def write() -> Path:
     parts = [HEAD]
     top = headline()
     if top:
         parts.append("## Headline\n\n" + "\n".join(f"- {line}" for line in top) + "\n")
+    compared = before_after()
+    if compared:
+        parts.append(compared)
     for name in ORDER:
         fig = Figure.load(name)
         parts.append(section(fig) if fig else f"## {name}\n\nNot run yet: `python -m bench {name}`.\n")

@@ -7,6 +7,7 @@ import asyncio
 import torch
 from ray import serve
 
+from deployments import metrics
 from deployments._replica import fetch, stored
 from stages import watermark
 from stages.compose import Compositor
@@ -19,6 +20,7 @@ class CompositorDeployment:
     def __init__(self, torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
         self._compositor = Compositor()
+        metrics.get()  # from the start: its heartbeat shows in every export round
 
     async def merge(self, parts: list[Part], boxes: list[list[TileBox]], size, scale: int, overlap: int) -> Part:
         results = await asyncio.gather(*[fetch(p) for p in parts])

@@ -9,6 +9,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pydantic import ValidationError
 
+from deployments import metrics
 from deployments.errors import InvalidRequest, classify
 from deployments.executor import ServeExecutor, StageHandles
 from deployments.guard import Guard
@@ -27,6 +28,7 @@ class Ingress:
     def __init__(self, *, encoder: DeploymentHandle, generator: DeploymentHandle, upscaler: DeploymentHandle,
                  refiner: DeploymentHandle, compositor: DeploymentHandle, output: str | None = None,
                  url_ttl_s: int = 900, guard: dict):
+        metrics.get()  # from the start: its heartbeat shows in every export round
         stages = StageHandles(encoder, generator, upscaler, refiner, compositor)
         guard = Guard.from_args(guard)
         self._service = Service(lambda: ServeExecutor(stages), guard, Outputs(OutputStore.from_location(output), url_ttl_s))

@@ -6,6 +6,7 @@ renames `ray_flashtile_*` back to `flashtile_*`. Every label has a small fixed s
 """
 
 import functools
+import threading
 import time
 from contextlib import contextmanager
 
@@ -54,6 +55,8 @@ class _Metrics:
             "flashtile_cancellations_total", "Work stopped early: requests (timeout, disconnect), base runs stopped "
             "mid-denoising (cancelled), queued tiles dropped (dropped).", tag_keys=("stage", "reason"),
         )
+        self.heartbeat = metrics.Gauge("flashtile_replica_heartbeat_seconds",
+                                       "Unix time of the replica's last heartbeat (set each second).")
         self.blocked = metrics.Counter("flashtile_prompts_blocked_total", "Prompts refused by the content policy.")
         self.cache = metrics.Counter(
             "flashtile_cache_total", "Cache lookups by cache and result.", tag_keys=("cache", "result")
@@ -62,8 +65,18 @@ class _Metrics:
 
 @functools.cache
 def get() -> _Metrics:
-    """This process's metric objects (created in the replica that records them)."""
-    return _Metrics()
+    """This process's metric objects (created in the replica that records them), and its heartbeat."""
+    m = _Metrics()
+    threading.Thread(target=_tick, args=(m,), name="flashtile-heartbeat", daemon=True).start()
+    return m
+
+
+def _tick(m: _Metrics) -> None:
+    # The replica's clock, set each second: an export shows when it was made, so a reader (a test, an alert on a
+    # stuck or vanished replica: time() - heartbeat) tells a fresh export from a stale one.
+    while True:
+        m.heartbeat.set(time.time())
+        time.sleep(1.0)
 
 
 @contextmanager

@@ -96,6 +96,30 @@ def _metrics() -> dict[tuple, float]:
     return out
 
 
+def _heartbeats() -> dict[str, float]:
+    """Each replica's flashtile_replica_heartbeat_seconds as last exported, by replica id."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    return {s.labels.get("replica", ""): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == "ray_flashtile_replica_heartbeat_seconds"}
+
+
+def _after_an_export_round(timeout_s: float = 60, stale_s: float = 30) -> dict[tuple, float]:
+    """The metrics once every live replica has exported again (its heartbeat is newer than this call): whatever any
+    replica counted before the call is in them. A replica whose last heartbeat is older than `stale_s` is gone
+    (the exporter keeps a removed replica's last values)."""
+    since = time.time()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        beats = _heartbeats()
+        live = [t for t in beats.values() if t > since - stale_s]
+        if live and all(t > since for t in live):
+            return _metrics()
+        assert time.monotonic() < deadline, f"no export round within {timeout_s} s: {beats}"
+        time.sleep(0.5)
+
+
 def _total(snapshot: dict, name: str, **labels) -> float:
     want = set(labels.items())
     return sum(v for (n, ls), v in snapshot.items() if n == name and want <= set(ls))
@@ -187,8 +211,7 @@ def test_bad_requests_get_the_right_4xx_and_no_model_work(cluster):
     assert API.post(f"{URL}/v1/generate", json={"prompt": "a red star", "size": "preview", "steps": 1}, timeout=300).ok
     after = _wait_for(lambda m: _stage_work(m)["base"] >= _stage_work(before)["base"] + 1
                       and _total(m, "flashtile_requests_total", status="401") >= 4)
-    time.sleep(12)  # one more export round of every replica
-    after = _metrics()
+    after = _after_an_export_round()
     work = {k: after_v - _stage_work(before)[k] for k, after_v in _stage_work(after).items()}
     assert work == {"encode": 1, "base": 1, "upscale": 0, "refine": 0}, work  # the good request's, nothing more
     assert _total(after, "flashtile_prompts_blocked_total") - _total(before, "flashtile_prompts_blocked_total") == 3
@@ -512,9 +535,9 @@ def _assert_base_stopped(before: dict, reason: str) -> None:
                 > _total(before, "flashtile_cancellations_total", stage="base", reason="cancelled"))
 
     assert cancelled(_wait_for(cancelled)), "no cancellation counted"
-    steps = _total(_metrics(), "flashtile_denoising_steps_total", stage="base")
-    time.sleep(12)  # another export round: a run still denoising would have added steps
-    later = _total(_metrics(), "flashtile_denoising_steps_total", stage="base")
+    steps = _total(_after_an_export_round(), "flashtile_denoising_steps_total", stage="base")
+    # Another export round: a run still denoising would have added steps.
+    later = _total(_after_an_export_round(), "flashtile_denoising_steps_total", stage="base")
     run = later - _total(before, "flashtile_denoising_steps_total", stage="base")
     assert later == steps and 0 < run < 150, (steps, later, run)
 
@@ -534,8 +557,7 @@ def test_stream_disconnect_drops_the_queued_tiles(cluster):
                 before, "flashtile_cancellations_total", stage="request", reason="disconnect")
 
         assert counted(_wait_for(counted))
-        time.sleep(12)  # let every replica export what it did
-        after = _metrics()
+        after = _after_an_export_round()  # every replica has exported what it did
         done = _total(after, "flashtile_tiles_total", stage="upscale") - _total(before, "flashtile_tiles_total", stage="upscale")
         dropped = _total(after, "flashtile_cancellations_total", stage="upscale", reason="dropped") - _total(
             before, "flashtile_cancellations_total", stage="upscale", reason="dropped")  # queued at a replica, never run

@@ -143,6 +143,7 @@ def test_serve_config_equals_cluster_yaml_but_the_overlay(manifest, cluster):
         "base_generator",
         "upscaler",
         "refiner",
+        "compositor",
     ]
 
 

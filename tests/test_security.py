@@ -111,9 +111,8 @@ def guarded(monkeypatch):
     async def echo(request: Request):
         return {"bytes": len(await request.body()), "principal": request.scope["state"]["principal"]}
 
-    app.add_middleware(guard.GuardMiddleware)
     args = AppArgs(api_keys=["k-one"], limits={"max_body_bytes": 2048}).model_dump()
-    monkeypatch.setitem(guard.ACTIVE, "guard", guard.Guard.from_args(args))
+    app.add_middleware(guard.GuardMiddleware, guard=guard.Guard.from_args(args))
     monkeypatch.delenv("FLASHTILE_API_KEYS", raising=False)
     return TestClient(app)
 
