@@ -24,6 +24,7 @@ FIGURES = {
     "coldstart": "bench.coldstart",
     "gpu": "bench.gpu",
     "admission": "bench.admission",
+    "tilecalls": "bench.tilecalls",
 }
 
 

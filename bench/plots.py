@@ -128,8 +128,13 @@ def admission(fig: Figure) -> None:
     bars(fig, ["round"], "503 p99 ms", "milliseconds", "Refused at twice capacity: 503 latency, p99")
 
 
+def tilecalls(fig: Figure) -> None:
+    bars(fig, ["upscale tiles per call"], "4K s (median)", "seconds", "One 4K image by tiles per call")
+
+
 DRAW = {"overhead": overhead, "load": load, "monolith": load, "native": native, "fanout": fanout, "modes": modes,
-        "encoding": encoding, "coldstart": coldstart, "gpu": gpu, "admission": admission}
+        "encoding": encoding, "coldstart": coldstart, "gpu": gpu, "admission": admission,
+        "tilecalls": tilecalls}
 
 
 def draw(fig: Figure) -> None:
