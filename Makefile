@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 run: install
-	@echo "Flashtile: starting the cluster; requests to http://127.0.0.1:8000 (README: API), metrics at http://127.0.0.1:8080/metrics. Ctrl-C stops it."
+	@echo "Flashtile: starting the cluster; requests to http://127.0.0.1:8000 (docs/api.md), metrics at http://127.0.0.1:8080/metrics. Ctrl-C stops it."
 	$(BIN)/flashtile serve cluster.yaml --metrics-port 8080
 
 # The tests start a real Prometheus server (Debian's package).

@@ -9,8 +9,9 @@ stage as the ingress saw it (the replicas' own compute for upscale and refine ti
   watermark + PNG    = the ingress's encode - the in-process encode
 Each part is a difference of medians taken separately, so the parts need not add up exactly to the difference of
 the walls, and a part near zero can come out slightly negative.
-"Pixels moved" counts the float32 image data that crosses between replicas for one image (the base image, each
-upscaler tile there and back, each refined tile there and back), from the tile geometry.
+"Pixels moved" counts the float32 image data the cluster puts into the object store for one image (see
+pixels_moved_mb), from the tile geometry. (Before the pipeline rework it counted what crossed between the ingress
+and the tile replicas: each tile there and back.)
 """
 
 from bench.cluster import Cluster, app_config, generate
@@ -18,6 +19,7 @@ from bench.common import PROMPT, Figure, interleaved, med, p95, column, ratio
 from bench.local import Local
 from stages import tiling
 from stages.sizes import REFINE_BUDGET
+from stages.upscale import plan
 
 FULL = [("preview", "fast"), ("1k", "fast"), ("1k", "quality"), ("2k", "fast"), ("2k", "quality"), ("4k", "fast"),
         ("4k", "quality")]
@@ -39,18 +41,20 @@ def split(c: list[dict], l: list[dict]) -> dict[str, float]:
 
 
 def pixels_moved_mb(local: Local, tier: str, aspect: str = "1:1") -> float:
-    """Megabytes of float32 pixels the cluster moves between replicas for one image: the base image, every upscaler
-    tile there and back, every refined tile there and back (what one process keeps in memory)."""
+    """Megabytes of float32 pixels the cluster puts into Ray's object store for one image, each a copy a single
+    process does not make: the base image, every pass's upscaled tiles and merged (or resized) image, the refine
+    crops and their results. Replicas read them in place (zero-copy), so reads add nothing."""
     f = local.flashtile
     params = f.params(PROMPT, size=tier, aspect_ratio=aspect, mode="fast", seed=0)
     (w, h), px = f.base_size(params), 3 * 4
     moved = w * h * px
     if tier != "preview":
         s = f.upscaler.scale
-        for p in f.upscaler.plan((w, h), f.output_size(params)):
+        for p in plan(s, (w, h), f.output_size(params)):
             if p.kind == "model":
                 boxes = tiling.boxes(p.size[0] // s, p.size[1] // s, f.upscaler.tile_size, f.upscaler.overlap)
-                moved += sum(bw * bh * px * (1 + s * s) for _, _, bw, bh in boxes)
+                moved += sum(bw * bh * s * s for _, _, bw, bh in boxes) * px
+            moved += p.size[0] * p.size[1] * px
         moved += REFINE_BUDGET[tier] * f.refiner.tile_size ** 2 * px * 2
     return moved / 1e6
 

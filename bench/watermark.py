@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from stages import watermark
-from stages.sizes import ASPECTS, base_size, output_size
+from stages.sizes import base_size, output_size
 
 RESULTS = Path(__file__).parent / "results"
 

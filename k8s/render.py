@@ -65,7 +65,7 @@ def _shm_volume() -> list[dict]:
     return [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
 
 
-# API keys come from a Secret (README: Security): without keys the ingress serves loopback clients only, which
+# API keys come from a Secret (docs/operations.md: API keys): without keys the ingress serves loopback clients only, which
 # in a pod means nobody, so the Secret is required.
 API_KEYS_SECRET = {"name": "flashtile-api-keys", "key": "keys"}
 

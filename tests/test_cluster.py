@@ -1,4 +1,4 @@
-"""The cluster, for real: `flashtile serve cluster.yaml` (the README's `make run`: a local Ray instance, Serve on
+"""The cluster, for real: `flashtile serve cluster.yaml` (`make run`: a local Ray instance, Serve on
 cluster.yaml, HTTP on 127.0.0.1:8000, metrics on 127.0.0.1:8080), driven over HTTP, Python handles and Prometheus.
 
 One cluster per test session (module-scoped here): start-up is the slow part on 2 cores.
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from doc_examples import doc_examples  # tests/doc_examples.py: the marked code blocks of README.md and docs/*.md
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,10 +329,17 @@ def test_http_handle_and_cli_write_the_same_file_byte_for_byte(cluster, tmp_path
         "handle = serve.get_app_handle('flashtile')\n"
         f"result = handle.generate.remote(GenerateRequest(**{body!r})).result(timeout_s=300)\n"
         "sys.stdout.buffer.write(result.png())\n"
+        # A refusal reaches a handle caller as the same typed error the HTTP routes map to their status.
+        "from deployments.errors import PolicyViolation\n"
+        "try:\n"
+        "    handle.generate.remote({'prompt': 'a forbidden star', 'size': 'preview'}).result(timeout_s=60)\n"
+        "except PolicyViolation as err:\n"
+        "    print(type(err).__name__, err.status, err.kind, file=sys.stderr)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=400)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     handle_png = proc.stdout
+    assert "PolicyViolation 400 content_policy_violation" in proc.stderr.decode(), proc.stderr.decode()[-2000:]
 
     cli = subprocess.run(
         [str(Path(sys.executable).parent / "flashtile"), "generate", body["prompt"], "--size", "1k", "--aspect", "4:3",
@@ -455,17 +463,9 @@ def test_models_health_and_openapi(cluster, shipped_guidance):
     assert {"404"} <= set(paths["/v1/images/generations"]["post"]["responses"])
 
 
-def _readme_examples() -> dict[str, tuple[str, str]]:
-    """README code blocks marked `<!-- example: NAME -->`: {name: (language, code)}."""
-    import re
-
-    text = (ROOT / "README.md").read_text()
-    found = re.findall(r"<!-- example: ([\w-]+) -->\n```(\w+)\n(.*?)\n```", text, flags=re.S)
-    return {name: (lang, code) for name, lang, code in found}
-
-
-def test_readme_examples_run_against_the_cluster(cluster, tmp_path):
-    examples = _readme_examples()
+def test_doc_examples_run_against_the_cluster(cluster, tmp_path):
+    # The examples of README.md and docs/*.md (`<!-- example: NAME -->`), run as they are written.
+    examples = {name: (ex.lang, ex.code) for name, ex in doc_examples().items()}
     assert set(examples) == {"curl-png", "curl-json", "python", "openai", "python-retry"}
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "FLASHTILE_API_KEY": KEYS[1]}
 
@@ -755,10 +755,10 @@ def _replicas(*args: str, timeout: float = 120) -> str:
 def test_killing_a_generator_replica_under_load_loses_no_request(cluster, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    # The README's client: retries with one Idempotency-Key per request.
-    lang, code = _readme_examples()["python-retry"]
+    # The documented client (docs/api.md): retries with one Idempotency-Key per request.
+    example = doc_examples()["python-retry"]
     namespace: dict = {}
-    exec(compile(code, "README.md:python-retry", "exec"), namespace)
+    exec(compile(example.code, f"{example.file}:python-retry", "exec"), namespace)
     monkeypatch.setenv("FLASHTILE_API_KEY", KEYS[0])
     attempts = []
     real_post = namespace["requests"].post

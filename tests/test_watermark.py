@@ -59,7 +59,7 @@ def test_reads_back_at_every_size_after_jpeg_and_downscale(size):
     assert marked.shape == img.shape and marked.dtype == np.uint8
     assert psnr(marked, img) > 40
     transforms = {"png": lambda a: a, "jpeg90": jpeg, "half": half, "jpeg90+half": lambda a: half(jpeg(a))}
-    if min(w, h) >= 576:  # a downscaled JPEG of a preview (~128 px) is beyond the mark: see the README's caveat
+    if min(w, h) >= 576:  # a downscaled JPEG of a preview (~128 px) is beyond the mark: see docs/watermark.md
         transforms["half+jpeg90"] = lambda a: jpeg(half(a))
     for name, transform in transforms.items():
         found = watermark.detect(transform(marked))
