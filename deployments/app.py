@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve import Application
 
 from deployments.compositor import CompositorDeployment
+from deployments.config import BatchConfig, ModelConfig, TileConfig
 from deployments.encoder import EncoderDeployment
 from deployments.generator import GeneratorDeployment
 from deployments.ingress import Ingress
@@ -28,6 +29,9 @@ class AppArgs(BaseModel):
         "are on every request's critical path and run between the models' work.",
     )
     encoder_max_batch: int = Field(default=16, ge=1, le=256, description="Prompts per text-encoder pass, at most.")
+    encoder_batch_wait_s: float = Field(
+        default=0.005, ge=0.0, le=5.0, description="How long a text-encoder batch waits to fill (bounded wait)."
+    )
     generator_max_batch: int = Field(default=4, ge=1, le=64, description="Images per denoising batch, at most.")
     generator_batch_wait_s: float = Field(
         default=0.05, ge=0.0, le=5.0, description="How long a generator batch waits to fill (bounded wait)."
@@ -95,14 +99,16 @@ def check_config(config: dict) -> None:
 
 def build_app(args: dict) -> Application:
     a = AppArgs.model_validate(args or {})
-    model = dict(model=a.model, device=a.device, torch_threads=a.torch_threads)
+    model = ModelConfig(model=a.model, device=a.device, torch_threads=a.torch_threads)
     guard = a.model_dump(include={"api_keys", "limits", "prompt_blocklist", "max_in_flight", "request_timeout_s", "retry_after_s"})
     return Ingress.bind(
-        encoder=EncoderDeployment.bind(a.model, a.encoder_device or a.device, a.torch_threads, a.encoder_max_batch),
-        generator=GeneratorDeployment.bind(**model, max_batch=a.generator_max_batch, batch_wait_s=a.generator_batch_wait_s),
-        upscaler=UpscalerDeployment.bind(**model, tile_size=a.upscale_tile, overlap=a.upscale_overlap,
-                                         tiles_per_call=a.upscale_tiles_per_call),
-        refiner=RefinerDeployment.bind(**model, tiles_per_call=a.refine_tiles_per_call),
+        encoder=EncoderDeployment.bind(model=model.model_copy(update={"device": a.encoder_device or a.device}),
+                                       batch=BatchConfig(max_batch=a.encoder_max_batch, wait_s=a.encoder_batch_wait_s)),
+        generator=GeneratorDeployment.bind(model=model, batch=BatchConfig(max_batch=a.generator_max_batch,
+                                                                          wait_s=a.generator_batch_wait_s)),
+        upscaler=UpscalerDeployment.bind(model=model, tiles=TileConfig(tile_size=a.upscale_tile, overlap=a.upscale_overlap,
+                                                                       tiles_per_call=a.upscale_tiles_per_call)),
+        refiner=RefinerDeployment.bind(model=model, tiles=TileConfig(tiles_per_call=a.refine_tiles_per_call)),
         compositor=CompositorDeployment.bind(torch_threads=a.compositor_threads),
         output=a.output, url_ttl_s=a.url_ttl_s, guard=guard,
     )

@@ -6,15 +6,17 @@ from ray import serve
 
 from deployments import metrics
 from deployments._replica import load_model
+from deployments.config import BatchConfig, ModelConfig
 from stages.encode import PromptEncoder
 from stages.types import PromptEmbeds
 
 
 @serve.deployment(name="prompt_encoder")
 class EncoderDeployment:
-    def __init__(self, model: str | None = None, device: str = "cpu", torch_threads: int = 1, max_batch: int = 16):
-        self._encoder = PromptEncoder.from_pretrained(load_model(model, torch_threads), device=device)
-        self.encode.set_max_batch_size(max_batch)
+    def __init__(self, model: ModelConfig, batch: BatchConfig):
+        self._encoder = PromptEncoder.from_pretrained(load_model(model.model, model.torch_threads), device=model.device)
+        self.encode.set_max_batch_size(batch.max_batch)
+        self.encode.set_batch_wait_timeout_s(batch.wait_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def encode(self, prompts: list[str], negatives: list[str]) -> list[PromptEmbeds]:

@@ -10,6 +10,7 @@ from ray import serve
 
 from deployments import metrics
 from deployments._replica import load_model, replica_id, stored
+from deployments.config import BatchConfig, ModelConfig
 from stages.driver import GeneratorInfo, Part
 from stages.generate import BaseGenerator, latent_preview
 from stages.imagefile import encode_png
@@ -18,17 +19,10 @@ from stages.types import BaseImage, Cancelled, PromptEmbeds, StepEvent
 
 @serve.deployment(name="base_generator")
 class GeneratorDeployment:
-    def __init__(
-        self,
-        model: str | None = None,
-        device: str = "cpu",
-        torch_threads: int = 1,
-        max_batch: int = 4,
-        batch_wait_s: float = 0.05,
-    ):
-        self._generator = BaseGenerator.from_pretrained(load_model(model, torch_threads), device=device)
-        self._batched.set_max_batch_size(max_batch)
-        self._batched.set_batch_wait_timeout_s(batch_wait_s)
+    def __init__(self, model: ModelConfig, batch: BatchConfig):
+        self._generator = BaseGenerator.from_pretrained(load_model(model.model, model.torch_threads), device=model.device)
+        self._batched.set_max_batch_size(batch.max_batch)
+        self._batched.set_batch_wait_timeout_s(batch.wait_s)
 
     def info(self) -> GeneratorInfo:
         g = self._generator

@@ -7,6 +7,7 @@ from ray import serve
 
 from deployments import metrics
 from deployments._replica import TileQueue, fetch, load_model, replica_id, stored
+from deployments.config import ModelConfig, TileConfig
 from stages.driver import Part, RefinerInfo
 from stages.refine import Refiner
 from stages.types import PromptEmbeds
@@ -14,9 +15,10 @@ from stages.types import PromptEmbeds
 
 @serve.deployment(name="refiner")
 class RefinerDeployment:
-    def __init__(self, model: str | None = None, device: str = "cpu", torch_threads: int = 1, tiles_per_call: int = 1):
-        self._refiner = Refiner.from_pretrained(load_model(model, torch_threads), device=device)
-        self._tiles_per_call = tiles_per_call
+    def __init__(self, model: ModelConfig, tiles: TileConfig):
+        self._refiner = Refiner.from_pretrained(load_model(model.model, model.torch_threads), device=model.device,
+                                                tile_size=tiles.tile_size, overlap=tiles.overlap)
+        self._tiles_per_call = tiles.tiles_per_call
         self._queue = TileQueue("refine")
 
     def info(self) -> RefinerInfo:

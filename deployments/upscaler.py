@@ -6,6 +6,7 @@ from ray import serve
 
 from deployments import metrics
 from deployments._replica import TileQueue, fetch, load_model, replica_id, stored
+from deployments.config import ModelConfig, TileConfig
 from stages.driver import Part, UpscalerInfo
 from stages.pipeline import upscaler_location
 from stages.types import TileBox
@@ -14,11 +15,11 @@ from stages.upscale import Upscaler
 
 @serve.deployment(name="upscaler")
 class UpscalerDeployment:
-    def __init__(self, model: str | None = None, device: str = "cpu", torch_threads: int = 1, tile_size: int = 256,
-                 overlap: int = 16, tiles_per_call: int = 1):
-        self._upscaler = Upscaler.from_pretrained(upscaler_location(load_model(model, torch_threads)), device=device,
-                                                  tile_size=tile_size, overlap=overlap)
-        self._tiles_per_call = tiles_per_call
+    def __init__(self, model: ModelConfig, tiles: TileConfig):
+        grid = {k: v for k, v in (("tile_size", tiles.tile_size), ("overlap", tiles.overlap)) if v is not None}
+        self._upscaler = Upscaler.from_pretrained(upscaler_location(load_model(model.model, model.torch_threads)),
+                                                  device=model.device, **grid)
+        self._tiles_per_call = tiles.tiles_per_call
         self._queue = TileQueue("upscale")
 
     def info(self) -> UpscalerInfo:
