@@ -45,7 +45,7 @@ class AppArgs(BaseModel):
     upscale_overlap: int = Field(default=16, ge=0, le=256, description="Overlap between upscaler tiles, input pixels.")
     upscale_tiles_per_call: int = Field(default=1, ge=1, le=256, description="Upscaler tiles per call to a replica.")
     refine_tiles_per_call: int = Field(default=1, ge=1, le=64, description="Refiner tiles per call to a replica.")
-    # Security and reliability (README: Security and reliability).
+    # Security and limits (docs/operations.md).
     api_keys: list[str] = Field(
         default_factory=list, description="Accepted API keys, best as `sha256:<hex>` digests; FLASHTILE_API_KEYS adds "
         "more. None at all: loopback clients only.",

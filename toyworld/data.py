@@ -6,8 +6,7 @@ is a fixed range of its own (EVAL_SEED0 ...), and training skips any scene whose
 """
 
 import random
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -212,14 +211,6 @@ def _mask(o: Obj, size: int) -> np.ndarray:
     return np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255.0
 
 
-def coverage(s: Scene, size: int = SIZE) -> np.ndarray:
-    """[size, size] float in [0, 1]: how much of each pixel the scene's objects cover, together."""
-    out = np.zeros((size, size), dtype=np.float32)
-    for o in s.objects:
-        out = np.maximum(out, _mask(o, size))
-    return out
-
-
 def render(s: Scene, size: int = SIZE) -> np.ndarray:
     """[size, size, 3] uint8 RGB: background, then each object composited with its anti-aliased coverage."""
     out = background_rgb(s.background, size)
@@ -305,22 +296,6 @@ def caption(s: Scene, seed: int) -> str:
         rel = rng.choice(_RELATION_PHRASES[s.relation])
         text = f"{_noun_phrase(rng, a, rng.random() < 0.5)} {rel} {_noun_phrase(rng, b, rng.random() < 0.5)} {bg}"
     return " ".join(text.split())
-
-
-def swap_colors(s: Scene, text: str) -> tuple[Scene, str]:
-    """A relation scene's twin and its caption: the same layout, shapes and sizes with the two objects' colours
-    exchanged, and `text` (the scene's caption) with its two colour words exchanged, so that the two captions
-    differ only in which colour goes with which object."""
-    if s.kind != "relation":
-        raise ValueError(f"swap_colors needs a relation scene (two objects); got a {s.kind!r} scene")
-    a, b = s.objects
-    # The objects' colours are never the background's (_far_from_background), so each word below is the object's.
-    words = [next(m for w in sorted(COLOR_WORDS[o.color], key=len, reverse=True)
-                  if (m := re.search(rf"\b{w}\b", text))) for o in (a, b)]
-    (i, j), (k, m) = sorted([words[0].span(), words[1].span()])
-    twin_text = text[:i] + text[k:m] + text[j:k] + text[i:j] + text[m:]
-    twin_text = re.sub(r"\b(?:a|an) (?=(\w+))", lambda w: f"{_article(w.group(1))} ", twin_text)  # "an orange", "a red"
-    return replace(s, objects=[replace(a, color=b.color), replace(b, color=a.color)]), twin_text
 
 
 def sample(seed: int) -> tuple[Scene, str]:

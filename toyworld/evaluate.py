@@ -358,7 +358,7 @@ def _group_lines(result: dict, key: str, title: str, names: dict[str, str]) -> l
 
 
 def table(result: dict, validation: dict | None = None) -> str:
-    """The eval as a Markdown table (what `flashtile eval` prints and the README / model card show)."""
+    """The eval as a Markdown table (what `flashtile eval` prints and the model card shows)."""
     from stages.pipeline import DEFAULT_STEPS
 
     modes = list(result["modes"])

@@ -1,11 +1,13 @@
-"""`flashtile train`: train the embedded default's autoencoder, UNet and upscaler on the toy world, on the CPU.
+"""`flashtile train`: train the embedded default's autoencoder, UNet, upscaler and fast UNet on the toy world, on the CPU.
 
 Reads top to bottom: 1. data (render scenes, encode captions with the frozen MiniLM encoder exactly as the
 pipeline does), 2. autoencoder (then every scene's latents, and the evaluator's score on autoencoder round
 trips), 3. UNet (v-prediction on the shipped DDIM schedule, classifier-free guidance dropout to the pipeline's
-own empty-prompt embedding, EMA), 4. upscaler (x4 Compact on autoencoder round trips -> 4x renders). The driver
-at the end runs them in that order, the upscaler before the UNet. Step counts are fixed and every random choice
-comes from a fixed seed. Writes diffusers/safetensors folders plus train_log.json and loss_curves.png into --out.
+own empty-prompt embedding, EMA; a second, shorter phase draws more count and relation scenes), 4. upscaler (x4
+Compact on autoencoder round trips -> 4x renders). The driver at the end runs them in that order, the upscaler
+before the UNet, then distils the fast-mode UNet (toyworld/distill.py). Step counts are fixed and every random
+choice comes from a fixed seed; the defaults (toyworld/config.py) are the shipped recipe. Writes
+diffusers/safetensors folders plus train_log.json and loss_curves.png into --out.
 """
 
 from stages import _torchvision_compat  # noqa: F401  (first: see that module)
@@ -15,7 +17,6 @@ import random
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -64,62 +65,26 @@ def make_vae(latent_channels: int = 8):
     )
 
 
-def make_unet(latent_channels: int = 8, pooled_text: bool = False, channels: tuple[int, ...] = (32, 64, 128),
-              coordinates: bool = False):
+def make_unet(latent_channels: int = 8, channels: tuple[int, ...] = (32, 64, 128)):
+    """The shipped UNet layout, freshly initialised (`channels` per level: the tests build narrower ones)."""
     from diffusers import UNet2DConditionModel
 
     from stages.models import with_coordinates
 
-    # The caption, attention-pooled over its tokens, can also be added to the timestep embedding (a diffusers
-    # option that needs no extra inputs, so the pipeline runs it like any other UNet): every ResNet block, the
-    # 32x32 ones without cross-attention included, then sees it. Off in the shipped recipe (toyworld/EXPERIMENTS.md).
-    pooled = dict(addition_embed_type="text", addition_embed_type_num_heads=6) if pooled_text else {}
     cross = len(channels) - 1
-    # With `coordinates`, two more input channels: where in the frame each pixel is (stages/models.py appends them).
+    # Two more input channels than latents: where in the frame each pixel is (stages/models.py appends them). The
+    # attention has no positional embedding, so without them a pixel knows its place only from the zero padding.
     unet = UNet2DConditionModel(
-        sample_size=data.SIZE // 8, in_channels=latent_channels + 2 * coordinates, out_channels=latent_channels,
+        sample_size=data.SIZE // 8, in_channels=latent_channels + 2, out_channels=latent_channels,
         block_out_channels=tuple(channels), layers_per_block=1,
-        # 32x32 convolution only; cross-attention at every coarser level (16x16, 8x8[, 4x4]) and in the mid block,
+        # 32x32 convolution only; cross-attention at every coarser level (16x16, 8x8) and in the mid block,
         # where a 3x3 kernel sees far enough to know where in the frame it is.
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * cross,
         up_block_types=("CrossAttnUpBlock2D",) * cross + ("UpBlock2D",),
         # diffusers reads `attention_head_dim` as the number of heads (a legacy name): heads of 32 dims.
-        attention_head_dim=tuple(c // 32 for c in channels), cross_attention_dim=384, norm_num_groups=16, **pooled,
+        attention_head_dim=tuple(c // 32 for c in channels), cross_attention_dim=384, norm_num_groups=16,
     )
     return with_coordinates(unet)
-
-
-def deepen_unet(unet):
-    """`unet` with a second transformer layer in its 16x16 cross-attention blocks (down and up), its 8x8 down block
-    and its mid block, for the second UNet phase: more rounds of cross-attention in which a blob can find which
-    object of the caption it is and take that object's colour (two objects in one colour is where adherence is lost).
-    Each new layer's output projections (both attentions' and the feed-forward's) start at zero, so the new UNet
-    computes what `unet` does until training moves them. The 8x8 up blocks keep one layer: with them, the UNet and
-    the fast UNet copied from it would pass the 50 MB cap of the committed weights."""
-    from diffusers import Transformer2DModel, UNet2DConditionModel
-
-    from stages.models import with_coordinates
-
-    levels = len(unet.config.block_out_channels)
-    if levels != 3 or unet.config.transformer_layers_per_block != 1:
-        raise ValueError("unet_more_depth 2 deepens a 3-level UNet with one transformer layer per block; got "
-                         f"{levels} levels and transformer_layers_per_block {unet.config.transformer_layers_per_block}")
-    # (Without "_use_default_values", which a UNet built in this process carries: from_config would reset those keys.)
-    config = {k: v for k, v in unet.config.items() if k != "_use_default_values"} | {
-        "transformer_layers_per_block": [1, 2, 2],  # down: 32x32 (no attention), 16x16, 8x8; the mid block takes the last
-        "reverse_transformer_layers_per_block": [[1, 1], [2, 2], [1, 1]],  # up: 8x8, 16x16, 32x32 (no attention)
-    }
-    deep = UNet2DConditionModel.from_config(config)
-    missing, unexpected = deep.load_state_dict(unet.state_dict(), strict=False)
-    if unexpected or any(".transformer_blocks.1." not in k for k in missing):  # only the new layers start fresh
-        raise RuntimeError(f"deepen_unet: unexpected keys {unexpected}, missing keys outside the new layers {missing}")
-    for attention in deep.modules():
-        if isinstance(attention, Transformer2DModel):
-            for block in attention.transformer_blocks[1:]:
-                for proj in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[2]):
-                    torch.nn.init.zeros_(proj.weight)
-                    torch.nn.init.zeros_(proj.bias)
-    return with_coordinates(deep.train(unet.training))
 
 
 # --- 1. data ---------------------------------------------------------------------------------------------------------
@@ -247,122 +212,38 @@ def loss_weights(cfg: Config, snr: torch.Tensor) -> torch.Tensor:
     min-SNR (gamma 5) for v-prediction is min(snr, 5) / (snr + 1): it gives the high-noise steps, where the layout is
     decided, about the SNR itself (0.024 at t=900 on the plain cosine schedule, ~0 near t=999). `unet_loss_floor`
     lifts them (and only them) back to at least that weight: only there must the caption alone say which colour is
-    the sky and where the object sits. Plain v-MSE ("v") weighs every step alike, but scored lower at equal steps.
+    the sky and where the object sits. (Plain v-MSE, every step alike, scored lower at equal steps.)
     """
-    if cfg.unet_loss == "v":
-        return torch.ones_like(snr)
     w = torch.clamp(snr, max=5.0) / (snr + 1)
     return torch.where(snr < 5.0, w.clamp(min=cfg.unet_loss_floor), w)  # the low-noise side keeps its min-SNR weights
 
 
-def unet_loss(cfg: Config, pred: torch.Tensor, target: torch.Tensor, snr: torch.Tensor,
-              pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The batch's loss: each sample's v-MSE ([B, C, H, W] -> [B]) times its timestep's weight (`loss_weights`).
-
-    `pixel_weights` ([B, 1, H, W], from `object_weights`) weigh each latent pixel's squared error, but only in samples
-    whose SNR is at least `unet_object_min_snr`: where the noise still hides the layout, a weight that depends on where
-    the objects are biases the best prediction towards drawing objects wherever one might be.
-    """
-    err = (pred - target) ** 2  # [B, C, H, W]
-    if pixel_weights is not None:
-        shows = (snr >= cfg.unet_object_min_snr).view(-1, 1, 1, 1)  # [B, 1, 1, 1]
-        err = err * torch.where(shows, pixel_weights, torch.ones_like(pixel_weights))
-    return (loss_weights(cfg, snr) * err.mean(dim=(1, 2, 3))).mean()
+def unet_loss(cfg: Config, pred: torch.Tensor, target: torch.Tensor, snr: torch.Tensor) -> torch.Tensor:
+    """The batch's loss: each sample's v-MSE ([B, C, H, W] -> [B]) times its timestep's weight (`loss_weights`)."""
+    return (loss_weights(cfg, snr) * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
-def object_weights(cfg: Config, n: int) -> torch.Tensor | None:
-    """[N, 1, 32, 32] per-pixel weights of the v-MSE for the first `n` training scenes, or None (`unet_object_weight` 0).
-
-    A latent pixel that an object covers or touches (its 8x8 cell's coverage, grown by one cell so the outline
-    and its halo count too) weighs up to 1 + unet_object_weight (1 + weight x the largest coverage among it and its
-    8 neighbours), the background 1: a lone small object is ~5% of the
-    frame, so under plain MSE its colour, shape and count are a small part of the loss, and the background
-    (right ~98% of the time) the rest. `unet_loss` applies them only where the objects show through the noise.
-    """
-    if cfg.unet_object_weight <= 0:
-        return None
-    side = data.SIZE // 8
-    cov = np.stack([data.coverage(s, side) for _, s, _ in data.train_set(n)])  # [N, 32, 32]
-    touched = F.max_pool2d(torch.from_numpy(cov)[:, None], 3, stride=1, padding=1)  # [N, 1, 32, 32]
-    return 1.0 + cfg.unet_object_weight * touched
-
-
-def multi_scenes(cfg: Config, n: int) -> torch.Tensor | None:
-    """[N] bool: which of the first `n` training scenes hold two or three objects (count and relation scenes), or
-    None (`unet_multi_share` 0: batches draw scenes uniformly)."""
-    if cfg.unet_multi_share <= 0:
-        return None
+def multi_scenes(n: int) -> torch.Tensor:
+    """[N] bool: which of the first `n` training scenes hold two or three objects (count and relation scenes)."""
     return torch.tensor([s.kind != "single" for _, s, _ in data.train_set(n)])
 
 
-def _scene_pools(multi: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _scene_pools(multi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """([S], [M]) indices of the single-object and of the count and relation scenes, from `multi_scenes`."""
-    return None if multi is None else (torch.nonzero(~multi).squeeze(1), torch.nonzero(multi).squeeze(1))
+    return torch.nonzero(~multi).squeeze(1), torch.nonzero(multi).squeeze(1)
 
 
-def _batch_scenes(cfg: Config, n: int, pools: tuple[torch.Tensor, torch.Tensor] | None, g: torch.Generator) -> torch.Tensor:
-    """[B] indices of the scenes of one UNet batch: uniform, or `unet_multi_share` of them from the multi pool
-    (`_scene_pools`). Why: counting two or three and keeping each colour on its own object is where the UNet fails
-    most (toyworld/EXPERIMENTS.md); drawing those scenes more often gives them more of the steps."""
-    if pools is None:  # (no extra draws, so the random stream of earlier recipes is unchanged)
-        return torch.randint(0, n, (cfg.unet_batch,), generator=g)
-    pick = torch.rand(cfg.unet_batch, generator=g) < cfg.unet_multi_share
-    single = pools[0][torch.randint(0, len(pools[0]), (cfg.unet_batch,), generator=g)]
-    several = pools[1][torch.randint(0, len(pools[1]), (cfg.unet_batch,), generator=g)]
+def _batch_scenes(batch: int, n: int, pools: tuple[torch.Tensor, torch.Tensor] | None, share: float,
+                  g: torch.Generator) -> torch.Tensor:
+    """[batch] indices of the scenes of one UNet batch: uniform over the `n` (no pools), or `share` of them from the
+    multi pool (`_scene_pools`). Why: counting two or three and keeping each colour on its own object is where the
+    UNet fails most (toyworld/EXPERIMENTS.md); the second phase draws those scenes more often."""
+    if pools is None:  # (no extra draws: the first phase's random stream)
+        return torch.randint(0, n, (batch,), generator=g)
+    pick = torch.rand(batch, generator=g) < share
+    single = pools[0][torch.randint(0, len(pools[0]), (batch,), generator=g)]
+    several = pools[1][torch.randint(0, len(pools[1]), (batch,), generator=g)]
     return torch.where(pick, several, single)
-
-
-class Twins(NamedTuple):
-    """Colour-swap twins of the relation scenes (`colour_twins`): what `train_unet` pairs each of them with."""
-    row: torch.Tensor  # [N] long: the twin of training scene i is row[i] of the two below; -1: none
-    latents: torch.Tensor  # [R, C, 32, 32], scaled like the training latents
-    embeds: torch.Tensor  # [R, 77, 384]
-    weight: float  # of the pair loss (`pair_loss`)
-
-
-def colour_twins(cfg: Config, vae, n: int, log) -> Twins | None:
-    """The twin of each relation scene among the first `n` training scenes (`data.swap_colors`: its colours
-    exchanged, in the picture and in the caption), or None (`unet_more_swap_weight` 0). A twin whose caption is one
-    of the held-aside captions is left out, like such a scene (`data.train_set`)."""
-    if cfg.unet_more_swap_weight <= 0:
-        return None
-    t0 = time.perf_counter()
-    held = data.held_captions()
-    row, scenes, captions = torch.full((n,), -1), [], []
-    for i, (_, s, c) in enumerate(data.train_set(n)):
-        if s.kind == "relation" and (twin := data.swap_colors(s, c))[1] not in held:
-            row[i] = len(scenes)
-            scenes.append(twin[0])
-            captions.append(twin[1])
-    images = np.stack([data.render(s) for s in scenes])  # [R, 256, 256, 3] uint8
-    latents = encode_latents(vae, images) * vae.config.scaling_factor  # [R, C, 32, 32]
-    log(f"{len(scenes)} colour-swap twins rendered and encoded in {time.perf_counter() - t0:.0f}s")
-    return Twins(row, latents, encode_captions(text_encoder(), captions), cfg.unet_more_swap_weight)
-
-
-PAIRS = 8  # colour-swap pairs added to each batch of the second phase when unet_more_swap_weight > 0
-
-
-def pair_loss(cfg: Config, pred: torch.Tensor, target: torch.Tensor, snr: torch.Tensor) -> torch.Tensor:
-    """The colour-swap pair loss of a batch whose last 2 PAIRS samples are PAIRS relation scenes and then their twins
-    (same noise, same timestep): each pair's difference of predictions fitted to its difference of targets
-    ([B + 2P, C, H, W] -> scalar), weighted by timestep like `unet_loss` and divided by the batch size B.
-
-    Why: a pair shares its noise and timestep, so what the two scenes have in common cancels, and what is left is
-    which colour goes where: the binding the UNet gets wrong most (two objects drawn in one colour). Over the pair,
-    the error e1^2 + e2^2 is 2 s^2 + 2 a^2 (s, a: half the sum and half the difference of the two errors); this
-    adds 4 a^2 times the weight, so it weighs the binding error, and only it, more.
-    """
-    b, p = len(pred) - 2 * PAIRS, slice(len(pred) - 2 * PAIRS, len(pred) - PAIRS)
-    diff = (pred[p] - pred[-PAIRS:]) - (target[p] - target[-PAIRS:])  # [P, C, H, W]
-    return (loss_weights(cfg, snr[p]) * (diff ** 2).mean(dim=(1, 2, 3))).sum() / b
-
-
-def swap_batch_loss(cfg: Config, pred: torch.Tensor, target: torch.Tensor, snr: torch.Tensor, weight: float) -> torch.Tensor:
-    """The loss of a batch of B scenes plus PAIRS pairs ([B + 2P, C, H, W]): `unet_loss` summed over every sample and
-    divided by B, so the pairs add to what the B scenes teach rather than dilute it (a mean over B + 2P samples
-    gave each of them two thirds of its weight: the first run of this option, toyworld/EXPERIMENTS.md), plus `pair_loss` x weight."""
-    return unet_loss(cfg, pred, target, snr) * len(pred) / (len(pred) - 2 * PAIRS) + weight * pair_loss(cfg, pred, target, snr)
 
 
 def unet_autocast(cfg: Config):
@@ -385,16 +266,11 @@ def ema_step(opt, model, ema, loss: torch.Tensor, step: int, decay: float) -> fl
 
 
 def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: torch.Tensor, log, checkpoint=None,
-               pixel_weights: torch.Tensor | None = None, multi: torch.Tensor | None = None, start=None,
-               twins: Twins | None = None):
-    """v-prediction (min-SNR weighted or plain MSE), CFG dropout to the empty prompt; returns the EMA of the weights.
+               start=None, multi_share: float = 0.0):
+    """v-prediction (min-SNR weights, floored), CFG dropout to the empty prompt; returns the EMA of the weights.
 
-    `pixel_weights` ([N, 1, 32, 32], from `object_weights`) weigh each latent pixel's squared error (`unet_loss`);
-    `multi` ([N] bool, from `multi_scenes`) marks the scenes `unet_multi_share` of each batch is drawn from;
     `start`, a trained UNet, is where the weights (and their EMA) begin instead of a fresh one (left as it was);
-    `twins` (from `colour_twins`) adds PAIRS relation scenes and their colour-swap twins to each batch (`pair_loss`)."""
-    if twins is not None and pixel_weights is not None:
-        raise ValueError("unet_more_swap_weight and unet_object_weight cannot be combined; got both above 0")
+    `multi_share` > 0 draws that share of each batch from the count and relation scenes (`_batch_scenes`)."""
     import copy
 
     from diffusers import DDIMScheduler
@@ -407,56 +283,32 @@ def train_unet(cfg: Config, latents: torch.Tensor, embeds: torch.Tensor, empty: 
     if start is not None:
         unet = copy.deepcopy(start).train().requires_grad_(True)
     else:
-        unet = make_unet(cfg.latent_channels, pooled_text=cfg.unet_text == "tokens+pooled", channels=cfg.unet_levels,
-                         coordinates=cfg.unet_input == "latents+coords").train()
+        unet = make_unet(cfg.latent_channels).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     warm = 100
-    budget_s = cfg.unet_budget_min * 60
 
-    def lr_at(step: int, elapsed: float) -> float:
-        # Cosine decay over the run; with a time budget, progress is whichever of steps or time is further along.
-        progress = max(step / cfg.unet_steps, elapsed / budget_s if budget_s > 0 else 0.0)
-        return cfg.unet_lr * min(1.0, (step + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    def lr_at(step: int) -> float:  # warm-up, then cosine decay to 5% over the run
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.unet_steps)))
+        return cfg.unet_lr * min(1.0, (step + 1) / warm) * (0.05 + 0.95 * cosine)
 
-    pools = _scene_pools(multi)  # once, not every step
-    paired = None if twins is None else torch.nonzero(twins.row >= 0).squeeze(1)  # [R] scenes that have a twin
-    losses, started = [], time.perf_counter()
+    pools = _scene_pools(multi_scenes(len(latents))) if multi_share > 0 else None  # once, not every step
+    losses = []
     for step in range(cfg.unet_steps):
-        elapsed = time.perf_counter() - started
-        if budget_s > 0 and elapsed > budget_s:
-            log(f"unet: time budget of {cfg.unet_budget_min} min reached after {step} steps")
-            break
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, elapsed)
-        idx = _batch_scenes(cfg, len(latents), pools, g)
+            group["lr"] = lr_at(step)
+        idx = _batch_scenes(cfg.unet_batch, len(latents), pools, multi_share, g)
         x0 = latents[idx]  # [B, C, 32, 32]
         ctx = embeds[idx].clone()  # [B, 77, 384]
         drop = torch.rand(cfg.unet_batch, generator=g) < cfg.cfg_dropout
         ctx[drop] = empty
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
-        # Part of each batch from t >= unet_high_noise_from: only near pure noise (t above about 985 here) must the
-        # caption alone say where things go; below that the layout shows through, so uniform draws seldom teach it.
-        if cfg.unet_high_noise > 0:  # (0: no extra draws, so the random stream of earlier recipes is unchanged)
-            high = torch.rand(cfg.unet_batch, generator=g) < cfg.unet_high_noise
-            t = torch.where(high, torch.randint(cfg.unet_high_noise_from, 1000, (cfg.unet_batch,), generator=g), t)
-        if twins is not None:  # PAIRS relation scenes join the batch, each with its twin under the same noise and t
-            pick = paired[torch.randint(0, len(paired), (PAIRS,), generator=g)]  # [P] training scenes that have a twin
-            r, pair_noise = twins.row[pick], torch.randn((PAIRS, *x0.shape[1:]), generator=g)
-            pair_t = torch.randint(0, 1000, (PAIRS,), generator=g)
-            x0 = torch.cat([x0, latents[pick], twins.latents[r]])  # [B + 2P, C, 32, 32]: a fixed shape every step
-            ctx = torch.cat([ctx, embeds[pick], twins.embeds[r]])
-            noise, t = torch.cat([noise, pair_noise, pair_noise]), torch.cat([t, pair_t, pair_t])
         xt = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
         with unet_autocast(cfg):
-            pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B (+ 2P), C, 32, 32]; weights stay float32
-        if twins is None:
-            loss = unet_loss(cfg, pred, target, snr[t], None if pixel_weights is None else pixel_weights[idx])
-        else:
-            loss = swap_batch_loss(cfg, pred, target, snr[t], twins.weight)
-        losses.append(ema_step(opt, unet, ema, loss, step, cfg.ema_decay))
+            pred = unet(xt, t, encoder_hidden_states=ctx).sample.float()  # [B, C, 32, 32]; weights stay float32
+        losses.append(ema_step(opt, unet, ema, unet_loss(cfg, pred, target, snr[t]), step, cfg.ema_decay))
         if step % 25 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step}/{cfg.unet_steps} loss {np.mean(losses[-25:]):.4f}")
         if checkpoint is not None and step % 250 == 249:
@@ -524,7 +376,13 @@ def _reuse_autoencoder(src: Path, out: Path, log):
 
 def unet_recipe(cfg: Config) -> Config:
     """--unet-from: `cfg` with the settings the earlier run trained its UNet (and schedule) with, so the schedule
-    written here, the teacher's sampler and the model card's command are that UNet's. Other configs pass unchanged."""
+    written here, the teacher's sampler and the model card's command are that UNet's. Other configs pass unchanged.
+
+    The second UNet phase is this run's to add (its own unet_more_* settings) unless the earlier UNet already had
+    one: then that phase is the recipe's and this run trains none. So a run can go a phase at a time, as the shipped
+    one did (its model card): `--unet-more-steps 0 --fast-distill-steps 0` trains the first phase alone (run A),
+    `--vae-from A --unet-from A --fast-distill-steps 0` adds the second (run B), `--vae-from B --unet-from B`
+    distils the fast UNet alone."""
     if not cfg.unet_from:
         return cfg
     src = Path(cfg.unet_from)
@@ -533,11 +391,7 @@ def unet_recipe(cfg: Config) -> Config:
     earlier = json.loads((src / "train_log.json").read_text())["config"]
     own = ("vae_from", "unet_from", "threads", "eval_every", "eval_n", "guidance_fast", "guidance_quality", "unet_dtype")
     fields = asdict(cfg)
-    # The second UNet phase is this run's to add, unless the earlier UNet already had one (then it is the recipe's).
     had_more = earlier.get("unet_more_steps", 0) > 0
-    if had_more and cfg.unet_more_steps > 0:
-        raise ValueError(f"unet_from {src} already had a second UNet phase ({earlier['unet_more_steps']} steps); "
-                         f"got unet_more_steps {cfg.unet_more_steps} (use 0 to reuse that UNet as it is)")
     mine = lambda k: k.startswith("fast_") or k in own or (k.startswith("unet_more_") and not had_more)  # noqa: E731
     return replace(cfg, **{k: v for k, v in earlier.items() if k in fields and not mine(k)})
 
@@ -702,8 +556,6 @@ def train(out: Path, cfg: Config) -> dict:
     t = time.perf_counter()
     DDIMScheduler(**scheduler_config(cfg.noise_shift)).save_pretrained(out / "scheduler")
     settings = {"guidance_scale": {"fast": cfg.guidance_fast, "quality": cfg.guidance_quality}}
-    if cfg.ddim_eta_quality > 0:
-        settings["ddim_eta"] = {"quality": cfg.ddim_eta_quality}
     (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")  # the sampling defaults requests get
     d["images"] = None  # the UNet trains on latents only
     record["interim_adherence"] = []
@@ -718,9 +570,7 @@ def train(out: Path, cfg: Config) -> dict:
     if cfg.unet_from:
         unet, unet_losses = _reuse_unet(Path(cfg.unet_from), out, record, log), []  # nothing trained
     else:
-        pixel_weights = object_weights(cfg, len(latents))
-        unet, unet_losses = train_unet(cfg, latents, d["embeds"], d["empty"], log, checkpoint, pixel_weights,
-                                       multi_scenes(cfg, len(latents)))
+        unet, unet_losses = train_unet(cfg, latents, d["embeds"], d["empty"], log, checkpoint)
         record["unet_steps_run"] = len(unet_losses)
         unet.save_pretrained(out / "unet", safe_serialization=True)
     record["wall_s"]["unet"] = round(time.perf_counter() - t, 1)
@@ -729,14 +579,9 @@ def train(out: Path, cfg: Config) -> dict:
     if cfg.unet_more_steps > 0 and "unet_more" not in record:  # (a reused UNet that had its second phase has it)
         t = time.perf_counter()
         # A short second schedule on the trained UNet, weighted to the scenes it gets wrong most (count, relation).
-        more = replace(cfg, unet_steps=cfg.unet_more_steps, unet_lr=cfg.unet_more_lr, seed=cfg.seed + 1,
-                       unet_multi_share=cfg.unet_more_multi_share, unet_budget_min=0.0)
-        if cfg.unet_more_depth == 2:
-            unet = deepen_unet(unet)
-            log(f"UNet deepened for the second phase: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
-        unet, more_losses = train_unet(more, latents, d["embeds"], d["empty"], log, None, object_weights(more, len(latents)),
-                                       multi_scenes(more, len(latents)), start=unet,
-                                       twins=colour_twins(cfg, vae, len(latents), log))
+        more = replace(cfg, unet_steps=cfg.unet_more_steps, unet_lr=cfg.unet_more_lr, seed=cfg.seed + 1)
+        unet, more_losses = train_unet(more, latents, d["embeds"], d["empty"], log, start=unet,
+                                       multi_share=cfg.unet_more_multi_share)
         unet.save_pretrained(out / "unet", safe_serialization=True)
         record["unet_more"] = {"steps_run": len(more_losses), "wall_s": round(time.perf_counter() - t, 1)}  # curve: losses
 
