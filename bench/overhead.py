@@ -102,8 +102,7 @@ def findings(table: list[dict]) -> list[str]:
         out.append(
             f"{row['tier']} {row['mode']}: the cluster takes {row['ratio']:.2f}x the in-process time "
             f"(+{overhead:.2f} s on {wall:.2f} s). The largest extra wall time is {worst}: +{parts[worst]:.2f} s, "
-            f"{parts[worst] / wall:.0%} of the cluster's time. The ingress replica itself burns "
-            f"{row['ingress CPU s']:.2f} s of CPU per request ({row['ingress CPU s'] / wall:.0%} of the wall time, on the "
-            f"cores the stage replicas need): tile split, merge, resize, selection, blending, watermark and encode all "
-            f"run there.")
+            f"{parts[worst] / wall:.0%} of the cluster's time. The ingress replica burns {row['ingress CPU s']:.2f} s "
+            f"of CPU per request ({row['ingress CPU s'] / wall:.0%} of the wall time); "
+            f"{row['pixels moved MB']:.0f} MB of pixels go into the object store.")
     return out

@@ -63,3 +63,18 @@ def stored(pixels, **meta) -> Part:
 async def fetch(part: Part):
     """The pixels a Part refers to."""
     return await part.pixels if isinstance(part.pixels, ray.ObjectRef) else part.pixels
+
+
+class OwnsOutputs:
+    """A stage replica whose outputs other replicas read from the object store.
+
+    An object lives as long as the process that put it, so a replica that left while a request still needed its
+    output would fail that request (OwnerDiedError). Serve calls `__del__` when it removes a replica (scale-down,
+    redeploy), after the replica's own requests finished: it then waits until nothing it put is referenced any more,
+    within the deployment's graceful_shutdown_timeout_s (cluster.yaml), after which Serve stops it anyway.
+    """
+
+    async def __del__(self):
+        worker = ray._private.worker.global_worker.core_worker  # what `ray memory` reads: this process's references
+        while worker.get_all_reference_counts():
+            await asyncio.sleep(0.1)

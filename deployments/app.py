@@ -43,7 +43,7 @@ class AppArgs(BaseModel):
     url_ttl_s: int = Field(default=900, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned output URLs.")
     upscale_tile: int = Field(default=256, ge=32, le=2048, description="Upscaler tile side, input pixels.")
     upscale_overlap: int = Field(default=16, ge=0, le=256, description="Overlap between upscaler tiles, input pixels.")
-    upscale_tiles_per_call: int = Field(default=1, ge=1, le=256, description="Upscaler tiles per call to a replica.")
+    upscale_tiles_per_call: int = Field(default=4, ge=1, le=256, description="Upscaler tiles per call to a replica.")
     refine_tiles_per_call: int = Field(default=1, ge=1, le=64, description="Refiner tiles per call to a replica.")
     # Security and limits (docs/operations.md).
     api_keys: list[str] = Field(

@@ -8,7 +8,7 @@ import torch
 from ray import serve
 
 from deployments import metrics
-from deployments._replica import fetch, stored
+from deployments._replica import OwnsOutputs, fetch, stored
 from stages import watermark
 from stages.compose import Compositor
 from stages.driver import FileSpec, Part
@@ -16,7 +16,7 @@ from stages.types import TileBox
 
 
 @serve.deployment(name="compositor")
-class CompositorDeployment:
+class CompositorDeployment(OwnsOutputs):
     def __init__(self, torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
         self._compositor = Compositor()

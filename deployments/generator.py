@@ -9,7 +9,7 @@ from collections import defaultdict
 from ray import serve
 
 from deployments import metrics
-from deployments._replica import load_model, replica_id, stored
+from deployments._replica import OwnsOutputs, load_model, replica_id, stored
 from deployments.config import BatchConfig, ModelConfig
 from stages.driver import GeneratorInfo, Part
 from stages.generate import BaseGenerator, latent_preview
@@ -18,7 +18,7 @@ from stages.types import BaseImage, Cancelled, PromptEmbeds, StepEvent
 
 
 @serve.deployment(name="base_generator")
-class GeneratorDeployment:
+class GeneratorDeployment(OwnsOutputs):
     def __init__(self, model: ModelConfig, batch: BatchConfig):
         self._generator = BaseGenerator.from_pretrained(load_model(model.model, model.torch_threads), device=model.device)
         self._batched.set_max_batch_size(batch.max_batch)

@@ -6,7 +6,7 @@ import time
 from ray import serve
 
 from deployments import metrics
-from deployments._replica import TileQueue, fetch, load_model, replica_id, stored
+from deployments._replica import OwnsOutputs, TileQueue, fetch, load_model, replica_id, stored
 from deployments.config import ModelConfig, TileConfig
 from stages.driver import Part, RefinerInfo
 from stages.refine import Refiner
@@ -14,7 +14,7 @@ from stages.types import PromptEmbeds
 
 
 @serve.deployment(name="refiner")
-class RefinerDeployment:
+class RefinerDeployment(OwnsOutputs):
     def __init__(self, model: ModelConfig, tiles: TileConfig):
         self._refiner = Refiner.from_pretrained(load_model(model.model, model.torch_threads), device=model.device,
                                                 tile_size=tiles.tile_size, overlap=tiles.overlap)

@@ -5,7 +5,7 @@ import time
 from ray import serve
 
 from deployments import metrics
-from deployments._replica import TileQueue, fetch, load_model, replica_id, stored
+from deployments._replica import OwnsOutputs, TileQueue, fetch, load_model, replica_id, stored
 from deployments.config import ModelConfig, TileConfig
 from stages.driver import Part, UpscalerInfo
 from stages.pipeline import upscaler_location
@@ -14,7 +14,7 @@ from stages.upscale import Upscaler
 
 
 @serve.deployment(name="upscaler")
-class UpscalerDeployment:
+class UpscalerDeployment(OwnsOutputs):
     def __init__(self, model: ModelConfig, tiles: TileConfig):
         grid = {k: v for k, v in (("tile_size", tiles.tile_size), ("overlap", tiles.overlap)) if v is not None}
         self._upscaler = Upscaler.from_pretrained(upscaler_location(load_model(model.model, model.torch_threads)),
