@@ -36,18 +36,18 @@ class TileQueue:
     """Runs a replica's tile work one call at a time, off the event loop.
 
     A call cancelled while it waits its turn (its request timed out or its client left) is dropped without
-    running, and counted; one already running finishes its tile.
+    running, and its tiles counted; one already running finishes its tiles.
     """
 
     def __init__(self, stage: str):
         self._stage = stage
         self._turn = asyncio.Semaphore(1)
 
-    async def run(self, fn, *args):
+    async def run(self, fn, *args, tiles: int = 1):
         try:
             await self._turn.acquire()
         except asyncio.CancelledError:
-            metrics.get().cancellations.inc(tags={"stage": self._stage, "reason": "dropped"})
+            metrics.get().cancellations.inc(tiles, tags={"stage": self._stage, "reason": "dropped"})
             raise
         work = asyncio.get_running_loop().run_in_executor(None, fn, *args)
         work.add_done_callback(lambda _: self._turn.release())  # the turn ends when the thread does

@@ -59,7 +59,7 @@ class StageHandles:
 class ServeExecutor:
     def __init__(self, stages: StageHandles):
         self._stages = stages
-        self._open: dict[int, tuple[str, DeploymentResponse]] = {}
+        self._open: dict[int, tuple[str, DeploymentResponse, int]] = {}  # id -> (stage, call, tiles it carries)
 
     async def info(self) -> StageInfo:
         return await self._stages.info()
@@ -79,7 +79,7 @@ class ServeExecutor:
         self._open.pop(id(stream), None)
 
     async def upscale(self, image: Part, boxes: list[TileBox]) -> Part:
-        return await self._call("upscale", self._stages.upscaler.upscale.remote(image, boxes))
+        return await self._call("upscale", self._stages.upscaler.upscale.remote(image, boxes), len(boxes))
 
     async def merge(self, parts: list[Part], boxes, size, scale: int, overlap: int) -> Part:
         return await self._call("compose", self._stages.compositor.merge.remote(parts, boxes, size, scale, overlap))
@@ -91,7 +91,8 @@ class ServeExecutor:
         return await self._call("compose", self._stages.compositor.select.remote(image, budget, tile_size, overlap))
 
     async def refine(self, crops: list[Part], embeds, seed: int, steps: int, guidance_scale: float) -> Part:
-        return await self._call("refine", self._stages.refiner.refine.remote(crops, embeds, seed, steps, guidance_scale))
+        return await self._call("refine", self._stages.refiner.refine.remote(crops, embeds, seed, steps, guidance_scale),
+                                len(crops))
 
     async def finish(self, image: Part, refined: list[Part], boxes, overlap: int, request_id: str, text: dict,
                      file: FileSpec) -> bytes:
@@ -102,24 +103,25 @@ class ServeExecutor:
         return await self._call("compose", self._stages.compositor.detect.remote(data))
 
     def cancel(self) -> dict[str, int]:
-        """Cancel the calls still open: queued tiles are dropped, the generator stops at its next step."""
+        """Cancel the calls still open: queued tiles are dropped, the generator stops at its next step. Returns the
+        calls (tiles, for the tile stages) cancelled per stage."""
         dropped = Counter()
-        for stage, response in self._open.values():
+        for stage, response, tiles in self._open.values():
             response.cancel()
             if stage != "encode":  # the encoder's answer stays open for the refiner until the request ends
-                dropped[stage] += 1
+                dropped[stage] += tiles
         self._open.clear()
         for stage in ("upscale", "refine"):
             if dropped[stage]:
                 metrics.get().cancellations.inc(dropped[stage], tags={"stage": stage, "reason": "cancelled"})
         return dict(dropped)
 
-    def _track(self, stage: str, response):
-        self._open[id(response)] = (stage, response)
+    def _track(self, stage: str, response, tiles: int = 1):
+        self._open[id(response)] = (stage, response, tiles)
         return response
 
-    async def _call(self, stage: str, response: DeploymentResponse):
-        self._track(stage, response)
+    async def _call(self, stage: str, response: DeploymentResponse, tiles: int = 1):
+        self._track(stage, response, tiles)
         value = await response
         self._open.pop(id(response), None)
         return no_pixels(value, stage)

@@ -29,7 +29,7 @@ class RefinerDeployment(OwnsOutputs):
         """Refine these crops (read from the object store); the results go back there."""
         pixels = await asyncio.gather(*[fetch(c) for c in crops])
         return await self._queue.run(self._refine, pixels, [c.meta["box"] for c in crops], embeds, seed, steps,
-                                     guidance_scale)
+                                     guidance_scale, tiles=len(crops))
 
     def _refine(self, pixels, boxes, embeds: PromptEmbeds, seed: int, steps: int, guidance_scale: float) -> Part:
         t0 = time.perf_counter()

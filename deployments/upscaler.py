@@ -28,7 +28,7 @@ class UpscalerDeployment(OwnsOutputs):
 
     async def upscale(self, image: Part, boxes: list[TileBox]) -> Part:
         """Upscale these boxes of the image (read from the object store); the results go back there."""
-        return await self._queue.run(self._upscale, await fetch(image), boxes)
+        return await self._queue.run(self._upscale, await fetch(image), boxes, tiles=len(boxes))
 
     def _upscale(self, image, boxes: list[TileBox]) -> Part:
         t0 = time.perf_counter()
