@@ -161,6 +161,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _manifest(args: argparse.Namespace) -> int:
+    from stages.models import ModelDir, write_manifest
+
+    try:
+        ModelDir(args.folder)  # a model folder (model_index.json, safetensors only) before anything is written
+    except (ValueError, OSError) as err:
+        print(f"flashtile: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {write_manifest(args.folder)}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from toyworld.evaluate import main as evaluate
 
@@ -200,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
 
     build = sub.add_parser("build-default", help="build the embedded default model into the cache; print its path")
     build.set_defaults(func=_build_default)
+
+    manifest = sub.add_parser("manifest", help="write a model folder's sha256 manifest (flashtile.sha256), which every "
+                              "replica checks the folder against before loading it")
+    manifest.add_argument("folder", help="a diffusers-format model directory, as it is known to be good")
+    manifest.set_defaults(func=_manifest)
 
     # The defaults are the shipped recipe; no abbreviations, so an option removed from it (`--unet-loss`) is refused
     # rather than read as one that starts the same (`--unet-loss-floor`).

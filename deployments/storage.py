@@ -20,7 +20,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from stages.models import PICKLE_SUFFIXES, ModelDir, cache_dir, check_safetensors_only, resolve_model
+from stages.models import PICKLE_SUFFIXES, ModelDir, cache_dir, check_safetensors_only, resolve_model, verify_manifest
 
 SYNC_MANIFEST = ".flashtile-sync.json"
 STAGING_MAX_AGE_S = 3600  # staging folders older than this were left by a killed download
@@ -114,11 +114,15 @@ def sync_model(url: str, root: Path | None = None, client=None, on_bytes=None) -
 
 def open_model(location: str | None, on_bytes=None) -> ModelDir:
     """A model from a local directory, an s3:// prefix (synced into the local cache first, its id the prefix's
-    last part) or, when None, the embedded default."""
+    last part) or, when None, the embedded default; every file checked against the model's sha256 manifest, so
+    every replica, wherever its copy came from, serves the same weights (ValueError naming the file otherwise)."""
     if location and location.startswith("s3://"):
         path = sync_model(location, on_bytes=on_bytes)
-        return ModelDir(path, model_id=parse_s3_url(location)[1].rsplit("/", 1)[-1])
-    return resolve_model(location)
+        model = ModelDir(path, model_id=parse_s3_url(location)[1].rsplit("/", 1)[-1])
+    else:
+        model = resolve_model(location)
+    verify_manifest(model.path)
+    return model
 
 
 def _manifest(folder: Path) -> list | None:

@@ -35,6 +35,7 @@ _LIBRARIES = ("transformers", "diffusers")  # the only modules a model_index.jso
 DEFAULT_MODEL_NAME = "flashtile-default-v1"
 SETTINGS_FILE = "flashtile.json"
 SETTINGS_BOUNDS = {"guidance_scale": (0.0, MAX_GUIDANCE), "ddim_eta": (0.0, 1.0)}  # flashtile.json: key -> bounds
+MANIFEST = "flashtile.sha256"  # every file of a model folder and its sha256, as `sha256sum` writes them
 OPTIONAL_UNETS = ("refiner", "fast")  # <role>/unet/: a UNet of its own for the detail pass, or for fast mode
 
 
@@ -174,6 +175,51 @@ def with_coordinates(unet):
     return unet
 
 
+def _model_files(folder: Path) -> list[Path]:
+    """The files a manifest covers: all of them but the manifest itself and dot-files (sync bookkeeping)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike) -> Path:
+    """Write `flashtile.sha256` into a model folder: one `<sha256>  <relative path>` line per file."""
+    folder = Path(folder)
+    lines = [f"{_sha256(p)}  {p.relative_to(folder).as_posix()}" for p in _model_files(folder)]
+    path = folder / MANIFEST
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def verify_manifest(folder: str | os.PathLike) -> None:
+    """Check every file of a model folder against its manifest, so every replica, wherever its copy came from, loads
+    the same bytes. Raises ValueError naming the folder's missing manifest, or the first file missing, changed or
+    not listed."""
+    folder = Path(folder)
+    try:
+        listed = dict(reversed(line.split("  ", 1)) for line in (folder / MANIFEST).read_text().splitlines() if line)
+    except FileNotFoundError:
+        raise ValueError(f"model folder {folder} has no {MANIFEST}: write one with `flashtile manifest {folder}` "
+                         "where the model is known to be good") from None
+    present = {p.relative_to(folder).as_posix(): p for p in _model_files(folder)}
+    for name, want in sorted(listed.items()):
+        if name not in present:
+            raise ValueError(f"model file {folder / name} is listed in {MANIFEST} but missing")
+        got = _sha256(present[name])
+        if got != want:
+            raise ValueError(f"model file {folder / name} does not match {MANIFEST}: sha256 {got}, expected {want}")
+    extra = sorted(set(present) - set(listed))
+    if extra:
+        raise ValueError(f"model file {folder / extra[0]} is not listed in {MANIFEST}")
+
+
 def resolve_model(location: str | os.PathLike | None) -> ModelDir:
     """A local model directory, or the embedded default (built on first use) when `location` is None."""
     if location is None:
@@ -218,6 +264,8 @@ def ensure_default_model(root: Path | None = None) -> Path:
     """Build the embedded default into the cache once; concurrent callers never see a partial directory."""
     target = (root or cache_dir() / "models") / f"{DEFAULT_MODEL_NAME}-{default_weights_digest()[:12]}"
     if (target / "model_index.json").is_file():
+        if not (target / MANIFEST).is_file():  # built before models carried manifests: this process's own build
+            write_manifest(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
@@ -266,6 +314,7 @@ def build_default_model(dest: Path, weights: Path = DEFAULT_WEIGHTS, files: tupl
         "requires_safety_checker": False,
     }
     (dest / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_manifest(dest)
     return dest
 
 

@@ -229,3 +229,35 @@ def test_s3_503_on_upload_is_retried(s3, failures, stored):
             assert S3OutputStore("s3://outputs/flaky", client=s3).get(key) is None  # nothing partial stored
     finally:
         proxy.close()
+
+
+# --- the sha256 manifest: every replica loads the same bytes ---------------------------------------------------------
+
+
+def test_a_model_is_refused_when_its_manifest_is_missing_or_a_file_differs(default_model_dir, tmp_path):
+    import shutil
+
+    from deployments import cli
+    from deployments.storage import open_model
+    from stages.models import MANIFEST
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir, model)
+    assert open_model(str(model)).path == model  # the embedded default's build carries its manifest
+
+    unet = model / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(unet.read_bytes())
+    data[-1] ^= 1  # one bit, same size: what a size check alone lets through
+    unet.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"unet/diffusion_pytorch_model.safetensors does not match flashtile.sha256"):
+        open_model(str(model))
+
+    (model / MANIFEST).unlink()
+    with pytest.raises(ValueError, match=r"has no flashtile.sha256: write one with `flashtile manifest"):
+        open_model(str(model))
+    assert cli.main(["manifest", str(model)]) == 0  # the operator vouches for the folder as it is now
+    assert open_model(str(model)).path == model
+    (model / "unet" / "notes.txt").write_text("added later")
+    with pytest.raises(ValueError, match=r"unet/notes.txt is not listed in flashtile.sha256"):
+        open_model(str(model))
+    assert cli.main(["manifest", str(tmp_path / "not-a-model")]) == 2
