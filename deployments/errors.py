@@ -12,6 +12,9 @@ log = logging.getLogger("ray.serve")
 
 
 class FlashtileError(Exception):
+    """Every subclass takes its message first: pickling (a replica's error reaching a handle caller) rebuilds it from
+    the message and restores the keyword fields from the instance's __dict__, as Python does for any exception."""
+
     status = 500
     kind = "internal"
 
@@ -21,18 +24,11 @@ class FlashtileError(Exception):
         if kind is not None:
             self.kind = kind
 
-    def __reduce__(self):  # keyword fields survive the trip from a replica to a handle caller
-        return _rebuild, (type(self), self.message, self.kind, self.headers, self.extra)
-
     def body(self) -> dict:
         return {"type": self.kind, "message": self.message, **self.extra}
 
     def response(self) -> JSONResponse:
         return error(self.status, self.kind, self.message, self.headers, **self.extra)
-
-
-def _rebuild(cls, message, kind, headers, extra):
-    return cls(message, kind=kind, headers=headers, **extra)
 
 
 class InvalidRequest(FlashtileError):
@@ -69,14 +65,6 @@ class Overloaded(FlashtileError):
     def __init__(self, message: str = "all replicas are busy; retry later", *, retry_after: int = 5, **kw):
         kw.setdefault("headers", {"Retry-After": str(retry_after)})
         super().__init__(message, retry_after=retry_after, **kw)
-
-    def __reduce__(self):
-        extra = {k: v for k, v in self.extra.items() if k != "retry_after"}
-        return _rebuild_overloaded, (type(self), self.message, self.extra.get("retry_after", 5), self.kind, self.headers, extra)
-
-
-def _rebuild_overloaded(cls, message, retry_after, kind, headers, extra):
-    return cls(message, retry_after=retry_after, kind=kind, headers=headers, **extra)
 
 
 class ReplicaLost(Overloaded):

@@ -41,20 +41,18 @@ class Service:
         self.admission = Admission(guard)
         self.outputs = outputs
         self.idempotency = Idempotency(outputs)
-        self._info: StageInfo | None = None
 
     async def info(self) -> StageInfo:
-        if self._info is None:
-            self._info = await self.executor().info()
-        return self._info
+        return await self.executor().info()  # cheap: the Serve executor's stage handles read it once
 
     async def screen(self, request: GenerateRequest, images: int = 1) -> None:
         self.admission.screen(request, (await self.info()).generator.base_resolution, images)
 
     # --- generation -------------------------------------------------------------------------------------------
 
-    async def run(self, request: GenerateRequest, stream: bool = False) -> AsyncIterator[dict]:
-        """Progress events, then {"event": "result", "result": GenerateResult, "output_key": str | None}."""
+    async def run(self, request: GenerateRequest, stream: bool = False, base_url: str = "") -> AsyncIterator[dict]:
+        """Progress events, then {"event": "result", "result": GenerateResult, "output_key": str | None}: with
+        response_format url the image is stored under output_key and the result's URL signed under `base_url`."""
         info = await self.info()
         g = info.generator
         try:
@@ -73,7 +71,7 @@ class Service:
             if request.response_format == "url":
                 output_key = f"images/{time.strftime('%Y-%m-%d')}/{uuid.uuid4().hex}.{file.output_format}"
                 await self.outputs.put(output_key, r.output, MEDIA_TYPES[file.output_format])
-                delivery = {}  # the caller signs the URL: only it knows the client's base URL
+                delivery = {"url": self.outputs.url(output_key, base_url)}
             yield {"event": "result", "output_key": output_key, "result": GenerateResult(
                 **delivery, output_format=file.output_format, request_id=r.request_id, seed=params.seed, width=r.width,
                 height=r.height, size=params.size, aspect_ratio=params.aspect_ratio, mode=params.mode,
@@ -83,13 +81,10 @@ class Service:
             )}
 
     async def produce(self, request: GenerateRequest, base_url: str = "") -> tuple[GenerateResult, str | None]:
-        """One image's result, its URL signed when response_format is url; and the stored image's key."""
-        async for event in self.run(request):
+        """One image's result, and the stored image's key when response_format is url."""
+        async for event in self.run(request, base_url=base_url):
             if event["event"] == "result":
-                result, key = event["result"], event["output_key"]
-                if key is not None:
-                    result.url = self.outputs.url(key, base_url)
-                return result, key
+                return event["result"], event["output_key"]
         raise RuntimeError("the pipeline ended without a result")
 
     async def generate(self, request: GenerateRequest, idempotency_key: str | None = None,

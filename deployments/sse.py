@@ -20,11 +20,9 @@ async def events(service, request: GenerateRequest, slot: Slot, base_url: str) -
     deadline = service.admission.deadline(request)
     try:
         async with asyncio.timeout(deadline):
-            async for item in service.run(request, stream=True):
+            async for item in service.run(request, stream=True, base_url=base_url):
                 kind = item.pop("event")
                 if kind == "result":
-                    if item["output_key"] is not None:
-                        item["result"].url = service.outputs.url(item["output_key"], base_url)
                     item = item["result"].model_dump()
                 yield event(kind, item)
     except TimeoutError:

@@ -234,14 +234,14 @@ async def _stages(ex: Executor, params: "GenerationParams", file: FileSpec, stre
         # 4. Refine the tiles with the most detail, in calls of `tiles_per_call`, all at once.
         t0 = time.perf_counter()
         crops = await ex.select(image, sizes.REFINE_BUDGET[params.size], ref.tile_size, ref.overlap)
-        batches = calls(crops, ref.tiles_per_call)
+        batches, done = calls(crops, ref.tiles_per_call), 0
         refined = [None] * len(batches)
         async for i, part in in_completion_order(
                 [ex.refine(b, embeds, params.seed, params.steps, params.guidance_scale) for b in batches]):
             refined[i] = part
+            done += len(batches[i])
             if stream:
-                yield {"event": "progress", "stage": "refine", "step": sum(len(b) for b, r in zip(batches, refined) if r),
-                       "total": len(crops)}
+                yield {"event": "progress", "stage": "refine", "step": done, "total": len(crops)}
         refined_boxes = [[c.meta["box"] for c in b] for b in batches]
         timings["refine"] = time.perf_counter() - t0
         timings["refine_compute"] = sum(q.meta.get("compute_s", 0.0) for q in refined)
