@@ -25,6 +25,7 @@ FIGURES = {
     "gpu": "bench.gpu",
     "admission": "bench.admission",
     "tilecalls": "bench.tilecalls",
+    "regions": "bench.regions",
 }
 
 

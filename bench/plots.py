@@ -132,9 +132,49 @@ def tilecalls(fig: Figure) -> None:
     bars(fig, ["upscale tiles per call"], "4K s (median)", "seconds", "One 4K image by tiles per call")
 
 
+def regions(fig: Figure) -> None:
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for label, style in (("1", "o-"), ("3", "s-")):
+        rows = [r for r in fig.table if r["regions"] == label]
+        left.plot([r["offered /s"] for r in rows], [r["goodput /s"] for r in rows], style,
+                  label=f"goodput, {label} region{'s' if label != '1' else ''}")
+    rows = [r for r in fig.table if r["regions"] == "3"]
+    share = left.twinx()
+    share.plot([r["offered /s"] for r in rows], [r["spilled share"] or 0 for r in rows], "k:", label="spilled share, 3")
+    share.set_ylim(0, 1)
+    share.set_ylabel("share of requests with a call spilled")
+    left.set_xlabel("offered, requests/s (all from us-east)")
+    left.set_ylabel("images/s")
+    left.set_title("Offered load against goodput")
+    left.legend(loc="upper left", fontsize=8)
+    share.legend(loc="lower right", fontsize=8)
+    events = fig.samples.get("loss", [])
+    if events:
+        end = int(max(e["t"] for e in events)) + 1
+        for region in ("us-east", "eu-west", "ap-south"):
+            per_s = [0] * end
+            for e in events:
+                if e["kind"] == "image" and region in e["base"]:
+                    per_s[int(e["t"])] += 1
+            right.plot(range(end), per_s, label=f"images made in {region}")
+        failed = [0] * end
+        for e in events:
+            if e["kind"] == "failed attempt":
+                failed[int(e["t"])] += 1
+        right.bar(range(end), failed, color="red", alpha=0.4, label="failed attempts (retried)")
+        for e in events:
+            if e["kind"] == "eu-west lost":
+                right.axvline(e["t"], color="k", ls="--", label="eu-west lost")
+        right.set_xlabel("seconds")
+        right.set_ylabel("per second")
+        right.set_title("A region lost under load (retry client)")
+        right.legend(fontsize=8)
+    _save(fig, figure)
+
+
 DRAW = {"overhead": overhead, "load": load, "monolith": load, "native": native, "fanout": fanout, "modes": modes,
         "encoding": encoding, "coldstart": coldstart, "gpu": gpu, "admission": admission,
-        "tilecalls": tilecalls}
+        "tilecalls": tilecalls, "regions": regions}
 
 
 def draw(fig: Figure) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from bench.common import DOCS, PLOTS, Figure
 
-ORDER = ["overhead", "load", "monolith", "admission", "native", "fanout", "tilecalls", "modes", "encoding", "coldstart", "gpu"]
+ORDER = ["overhead", "load", "monolith", "admission", "native", "fanout", "tilecalls", "regions", "modes", "encoding", "coldstart", "gpu"]
 
 HEAD = """# Benchmarks
 

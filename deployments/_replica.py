@@ -1,12 +1,15 @@
 """Small helpers shared by the stage deployments."""
 
 import asyncio
+import functools
+import inspect
 
 import ray
 import torch
 from ray import serve
 
 from deployments import metrics
+from deployments.regions import node_region
 from deployments.storage import StorageError, open_model
 from stages.driver import Part
 from stages.models import ModelDir
@@ -56,8 +59,45 @@ class TileQueue:
 
 def stored(pixels, **meta) -> Part:
     """Pixels into the object store, by reference: the next stage's replica reads them from there, and the replica
-    that runs the driver (the ingress) only ever holds the reference and `meta`."""
-    return Part(ray.put(pixels), meta)
+    that runs the driver (the ingress) only ever holds the reference and `meta` (with the region that made them)."""
+    return Part(ray.put(pixels), {"region": region(), **meta})
+
+
+@functools.cache
+def region() -> str | None:
+    """This replica's region (a replica never moves)."""
+    return node_region()
+
+
+def served(stage: str, origin: str | None) -> None:
+    """Count a call served here for a request of region `origin` (None: regions off, nothing to count)."""
+    if origin is None:
+        return
+    here, m = region() or "none", metrics.get()
+    m.region_requests.inc(tags={"stage": stage, "origin": origin, "served": here})
+    if here != origin:
+        m.region_spills.inc(tags={"stage": stage, "origin": origin, "served": here})
+
+
+def routed(stage: str):
+    """A stage method that takes its request's region as the keyword `region`: Serve's router (deployments/regions.py)
+    reads it to pick a replica; the replica counts where the call was served, then runs the method without it."""
+
+    def wrap(method):
+        if inspect.isgeneratorfunction(method):
+            @functools.wraps(method)
+            def stream(self, *args, region: str | None = None, **kwargs):
+                served(stage, region)
+                yield from method(self, *args, **kwargs)
+            return stream
+
+        @functools.wraps(method)
+        async def call(self, *args, region: str | None = None, **kwargs):
+            served(stage, region)
+            return await method(self, *args, **kwargs)
+        return call
+
+    return wrap
 
 
 async def fetch(part: Part):

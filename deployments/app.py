@@ -1,5 +1,6 @@
 """build_app(args): the one place that wires Flashtile's DAG of deployments."""
 
+import copy
 import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -11,6 +12,7 @@ from deployments.encoder import EncoderDeployment
 from deployments.generator import GeneratorDeployment
 from deployments.ingress import Ingress
 from deployments.refiner import RefinerDeployment
+from deployments.regions import check_floors, check_regions, place
 from deployments.security import Limits, compile_entry
 from deployments.upscaler import UpscalerDeployment
 
@@ -62,6 +64,15 @@ class AppArgs(BaseModel):
         default=300.0, gt=0, le=3600, description="Longest a request may run (a request's timeout_s may shorten it): 408.",
     )
     retry_after_s: int = Field(default=5, ge=1, le=600, description="Retry-After sent with a 503.")
+    # Regions (docs/operations.md#regions).
+    regions: list[str] | None = Field(
+        default=None, description="Regions the replicas run in, by the nodes' ray.io/availability-region label; "
+        "requests are served in their own region and spill to the others at peak. null: regions off.",
+    )
+    region_floors: dict[str, int] = Field(
+        default_factory=dict, description="Replicas per region each deployment keeps at least (default 1): "
+        "min_replicas = floor x regions, within its max_replicas.",
+    )
 
     @field_validator("prompt_blocklist")
     @classmethod
@@ -72,6 +83,16 @@ class AppArgs(BaseModel):
             except re.error as err:
                 raise ValueError(f"prompt_blocklist entry {entry!r} is not a valid regular expression: {err}") from None
         return entries
+
+    @field_validator("regions")
+    @classmethod
+    def _regions_named_once(cls, regions: list[str] | None) -> list[str] | None:
+        return check_regions(regions)
+
+    @field_validator("region_floors")
+    @classmethod
+    def _floors_of_deployments(cls, floors: dict[str, int]) -> dict[str, int]:
+        return check_floors(floors)
 
 
 # A deployment's batch can hold no more requests than the replica accepts at once: the batched deployments and
@@ -87,6 +108,7 @@ def check_config(config: dict) -> None:
         if app.get("import_path") != "deployments.app:build_app":
             continue
         args = AppArgs.model_validate(app.get("args") or {})
+        place(copy.deepcopy({"applications": [app]}))  # each deployment's floor x regions within its max_replicas
         options = {d.get("name"): d for d in app.get("deployments") or []}
         for deployment, arg in BATCHED:
             ongoing = options.get(deployment.name, {}).get("max_ongoing_requests", deployment.max_ongoing_requests)
@@ -110,5 +132,6 @@ def build_app(args: dict) -> Application:
                                                                        tiles_per_call=a.upscale_tiles_per_call)),
         refiner=RefinerDeployment.bind(model=model, tiles=TileConfig(tiles_per_call=a.refine_tiles_per_call)),
         compositor=CompositorDeployment.bind(torch_threads=a.compositor_threads),
-        output=a.output, url_ttl_s=a.url_ttl_s, guard=guard,
+        output=a.output, url_ttl_s=a.url_ttl_s, guard=guard, regions=a.regions,
+        region_floors=a.region_floors,
     )

@@ -1,6 +1,7 @@
 """`flashtile` command line: generate in process, build the embedded default, train and evaluate it."""
 
 import argparse
+import copy
 import os
 import signal
 import sys
@@ -104,22 +105,24 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"flashtile: --arg takes NAME=VALUE; got {item!r}", file=sys.stderr)
             return 2
         overrides[name] = yaml.safe_load(value)  # YAML: numbers, lists and {a: 1} mappings as in cluster.yaml
-    if overrides:
-        # Override the application's args; everything else stays the config's own.
-        for app in data["applications"]:
-            app.setdefault("args", {}).update(overrides)
-        config = cache_dir() / "serve-config.yaml"
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(yaml.safe_dump(data, sort_keys=False))
+    # Override the application's args; everything else stays the config's own.
+    for app in data["applications"]:
+        app.setdefault("args", {}).update(overrides)
     from pydantic import ValidationError as ArgsError
 
     from deployments.app import check_config
+    from deployments.regions import place
 
     try:
         check_config(data)  # before anything starts: a bad config costs no Ray start-up
     except (ValueError, ArgsError) as err:
         print(f"flashtile: {config}: {err}", file=sys.stderr)
         return 2
+    placed = place(copy.deepcopy(data))  # with regions: each deployment's label selector, router and floor
+    if overrides or placed != data:
+        config = cache_dir() / "serve-config.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(placed, sort_keys=False))
     keys = os.environ.get("FLASHTILE_API_KEYS", "").strip() or any(a.get("args", {}).get("api_keys") for a in data["applications"])
     print("Flashtile: API keys configured; inference routes need 'Authorization: Bearer <key>'" if keys else
           "Flashtile: no API keys configured (FLASHTILE_API_KEYS): serving loopback clients (127.0.0.1, ::1) only")

@@ -57,50 +57,59 @@ class StageHandles:
 
 
 class ServeExecutor:
-    def __init__(self, stages: StageHandles):
+    """One request's calls. `region`: the request's region, named in every call for Serve's region router
+    (deployments/regions.py); `served` collects, per stage, the regions whose replicas answered."""
+
+    def __init__(self, stages: StageHandles, region: str | None = None):
         self._stages = stages
+        self._region = region
         self._open: dict[int, tuple[str, DeploymentResponse, int]] = {}  # id -> (stage, call, tiles it carries)
+        self.served: dict[str, set[str]] = {}
 
     async def info(self) -> StageInfo:
         return await self._stages.info()
 
     def encode(self, prompt: str, negative_prompt: str) -> DeploymentResponse:
         # Unawaited: Serve hands the embeddings from the encoder to the generator and refiner replicas directly.
-        return self._track("encode", self._stages.encoder.encode.remote(prompt, negative_prompt))
+        r = self._region
+        return self._track("encode", self._stages.encoder.encode.remote(prompt, negative_prompt, region=r))
 
     async def generate(self, embeds, base: dict) -> Part:
-        return await self._call("base", self._stages.generator.generate.remote(embeds, base))
+        return self._base(await self._call("base", self._stages.generator.generate.remote(embeds, base, region=self._region)))
 
     async def generate_stream(self, embeds, base: dict, preview_every: int, request_id: str):
         stream = self._track("base", self._stages.generator.options(stream=True).generate_stream.remote(
-            embeds, base, preview_every, request_id))
+            embeds, base, preview_every, request_id, region=self._region))
         async for item in stream:
-            yield no_pixels(item, "base stream")
+            yield self._base(no_pixels(item, "base stream"))
         self._open.pop(id(stream), None)
 
     async def upscale(self, image: Part, boxes: list[TileBox]) -> Part:
-        return await self._call("upscale", self._stages.upscaler.upscale.remote(image, boxes), len(boxes))
+        return await self._call("upscale", self._stages.upscaler.upscale.remote(image, boxes, region=self._region),
+                                len(boxes))
 
     async def merge(self, parts: list[Part], boxes, size, scale: int, overlap: int) -> Part:
-        return await self._call("compose", self._stages.compositor.merge.remote(parts, boxes, size, scale, overlap))
+        return await self._call("compose", self._stages.compositor.merge.remote(parts, boxes, size, scale, overlap,
+                                                                                region=self._region))
 
     async def resize(self, image: Part, size) -> Part:
-        return await self._call("compose", self._stages.compositor.resize.remote(image, size))
+        return await self._call("compose", self._stages.compositor.resize.remote(image, size, region=self._region))
 
     async def select(self, image: Part, budget: int, tile_size: int, overlap: int) -> list[Part]:
-        return await self._call("compose", self._stages.compositor.select.remote(image, budget, tile_size, overlap))
+        return await self._call("compose", self._stages.compositor.select.remote(image, budget, tile_size, overlap,
+                                                                                 region=self._region))
 
     async def refine(self, crops: list[Part], embeds, seed: int, steps: int, guidance_scale: float) -> Part:
-        return await self._call("refine", self._stages.refiner.refine.remote(crops, embeds, seed, steps, guidance_scale),
-                                len(crops))
+        return await self._call("refine", self._stages.refiner.refine.remote(
+            crops, embeds, seed, steps, guidance_scale, region=self._region), len(crops))
 
     async def finish(self, image: Part, refined: list[Part], boxes, overlap: int, request_id: str, text: dict,
                      file: FileSpec) -> bytes:
-        return await self._call("compose", self._stages.compositor.finish.remote(
-            image, refined, boxes, overlap, request_id, text, file))
+        return (await self._call("compose", self._stages.compositor.finish.remote(
+            image, refined, boxes, overlap, request_id, text, file, region=self._region))).pixels
 
     async def detect(self, data: bytes):
-        return await self._call("compose", self._stages.compositor.detect.remote(data))
+        return await self._call("compose", self._stages.compositor.detect.remote(data, region=self._region))
 
     def cancel(self) -> dict[str, int]:
         """Cancel the calls still open: queued tiles are dropped, the generator stops at its next step. Returns the
@@ -124,4 +133,18 @@ class ServeExecutor:
         self._track(stage, response, tiles)
         value = await response
         self._open.pop(id(response), None)
+        for part in value if isinstance(value, list) else [value]:
+            if isinstance(part, Part):
+                self._saw(stage, part.meta.get("region"))
         return no_pixels(value, stage)
+
+    def _base(self, item):
+        """A base image's Part also says where its prompt was encoded."""
+        if isinstance(item, Part):
+            self._saw("base", item.meta.get("region"))
+            self._saw("encode", item.meta.get("encoder_region"))
+        return item
+
+    def _saw(self, stage: str, region: str | None) -> None:
+        if region is not None:
+            self.served.setdefault(stage, set()).add(region)

@@ -9,8 +9,9 @@ from collections import defaultdict
 from ray import serve
 
 from deployments import metrics
-from deployments._replica import OwnsOutputs, load_model, replica_id, stored
+from deployments._replica import OwnsOutputs, load_model, replica_id, routed, stored
 from deployments.config import BatchConfig, ModelConfig
+from deployments.regions import InRegion
 from stages.driver import GeneratorInfo, Part
 from stages.generate import BaseGenerator, latent_preview
 from stages.imagefile import encode_png
@@ -18,7 +19,7 @@ from stages.types import BaseImage, Cancelled, PromptEmbeds, StepEvent
 
 
 @serve.deployment(name="base_generator")
-class GeneratorDeployment(OwnsOutputs):
+class GeneratorDeployment(InRegion, OwnsOutputs):
     def __init__(self, model: ModelConfig, batch: BatchConfig):
         self._generator = BaseGenerator.from_pretrained(load_model(model.model, model.torch_threads), device=model.device)
         self._batched.set_max_batch_size(batch.max_batch)
@@ -28,6 +29,7 @@ class GeneratorDeployment(OwnsOutputs):
         g = self._generator
         return GeneratorInfo(g.model_id, g.base_resolution, g.size_multiple, g.default_scheduler, g.default_guidance)
 
+    @routed("base")
     async def generate(self, embeds: PromptEmbeds, params: dict) -> Part:
         """One base image, into the object store. Requests that arrive together share a denoising batch (see
         _batched).
@@ -68,6 +70,7 @@ class GeneratorDeployment(OwnsOutputs):
                 out[i] = image
         return out
 
+    @routed("base")
     def generate_stream(self, embeds: PromptEmbeds, params: dict, preview_every: int = 1, request_id: str = ""):
         """Yields {"stage", "step", "total"[, "preview_png_b64"]} per step, then the base image's Part.
 
@@ -116,7 +119,8 @@ class GeneratorDeployment(OwnsOutputs):
 
 
 def _part(base: BaseImage, embeds: PromptEmbeds) -> Part:
-    return stored(base.image, steps=base.steps, prompt_truncated=embeds.truncated, **base.meta)
+    return stored(base.image, steps=base.steps, prompt_truncated=embeds.truncated,
+                  encoder_region=embeds.meta.get("region"), **base.meta)
 
 
 class _Run:

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments import metrics, sse
 from deployments.errors import FlashtileError, classify, error
 from deployments.guard import GuardMiddleware
+from deployments.regions import HEADER
 from deployments.schemas import (
     MEDIA_TYPES,
     GenerateRequest,
@@ -32,6 +33,8 @@ from deployments.schemas import (
 BODY_MODELS = {"/v1/images/generations": ImagesRequest, "/v1/watermark/detect": WatermarkDetectRequest}
 IDEMPOTENCY_KEY = Header(default=None, min_length=1, max_length=255,
                          description="Makes the request repeatable: the same key and body return the stored result.")
+REGION = Header(default=None, alias=HEADER, description="The region to serve this request in (GET /v1/regions lists "
+                "them); default: the region of the ingress that received it. Spills to other regions at peak.")
 
 
 def create_app(service) -> FastAPI:
@@ -46,10 +49,11 @@ def create_app(service) -> FastAPI:
 
     @api.post("/v1/generate", response_model=GenerateResult, summary="Generate one image (native API)",
               responses=error_responses(400, 401, 403, 408, 409, 413, 422, 500, 503))
-    async def generate(body: GenerateRequest, request: Request, idempotency_key: str | None = IDEMPOTENCY_KEY):
+    async def generate(body: GenerateRequest, request: Request, idempotency_key: str | None = IDEMPOTENCY_KEY,
+                       region: str | None = REGION):
         # Keys are per caller: one caller's key never replays another's result.
         scoped = None if idempotency_key is None else f"{request.state.principal}:{idempotency_key}"
-        result, replayed = await service.generate(body, scoped, base_url(request))
+        result, replayed = await service.generate(body, scoped, base_url(request), service.regions.resolve(region))
         headers = {"X-Flashtile-Seed": str(result.seed), "X-Flashtile-Model": result.model,
                    "X-Flashtile-Request-Id": result.request_id,
                    "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in result.timings.items())}
@@ -62,18 +66,19 @@ def create_app(service) -> FastAPI:
 
     @api.post("/v1/generate/stream", summary="Generate one image, streaming progress (server-sent events)",
               responses=error_responses(400, 401, 403, 413, 422, 500, 503))
-    async def generate_stream(body: GenerateRequest, request: Request):
+    async def generate_stream(body: GenerateRequest, request: Request, region: str | None = REGION):
         """Events: `progress` ({stage, step, total}, base steps with `preview_png_b64`), then `result`
         (the native JSON result) or `error` ({type, message}; type timeout, overloaded, replica_lost, ...)."""
+        region = service.regions.resolve(region)
         slot = await service.open_stream(body)  # refused here with a real status; released when the stream ends
         # The background task also releases the slot should the stream never start (client gone at once).
-        return StreamingResponse(sse.events(service, body, slot, base_url(request)), media_type="text/event-stream",
+        return StreamingResponse(sse.events(service, body, slot, base_url(request), region), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"}, background=BackgroundTask(slot.release))
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, summary="OpenAI Images API",
               responses=error_responses(400, 401, 403, 404, 408, 413, 422, 500, 503))
-    async def openai_images(body: ImagesRequest, request: Request):
-        return await service.images(body, base_url(request))
+    async def openai_images(body: ImagesRequest, request: Request, region: str | None = REGION):
+        return await service.images(body, base_url(request), service.regions.resolve(region))
 
     @api.get("/v1/outputs/{key:path}", summary="A stored image (local output storage)", responses=error_responses(404))
     async def outputs(key: str):
@@ -90,6 +95,10 @@ def create_app(service) -> FastAPI:
     @api.get("/v1/models", summary="Models this cluster serves", responses=error_responses(401, 403, 500))
     async def models():
         return await service.models()
+
+    @api.get("/v1/regions", summary="Regions, with live replicas per deployment", responses=error_responses(401, 403, 500))
+    async def regions():
+        return await service.regions.status()
 
     @api.get("/healthz", summary="Liveness")
     async def healthz():

@@ -19,7 +19,8 @@ LATENCY_BUCKETS_S = sorted(
     | set(TIER_TARGETS_S.values())
 )
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 32, 64]
-ROUTES = ("/v1/generate", "/v1/generate/stream", "/v1/images/generations", "/v1/watermark/detect", "/v1/models", "/healthz")
+ROUTES = ("/v1/generate", "/v1/generate/stream", "/v1/images/generations", "/v1/watermark/detect", "/v1/models",
+          "/v1/regions", "/healthz")
 
 
 class _Metrics:
@@ -58,6 +59,14 @@ class _Metrics:
         self.heartbeat = metrics.Gauge("flashtile_replica_heartbeat_seconds",
                                        "Unix time of the replica's last heartbeat (set each second).")
         self.blocked = metrics.Counter("flashtile_prompts_blocked_total", "Prompts refused by the content policy.")
+        self.region_requests = metrics.Counter(
+            "flashtile_region_requests_total", "Stage calls by the region of their request (origin) and the region "
+            "of the replica that served them.", tag_keys=("stage", "origin", "served"),
+        )
+        self.region_spills = metrics.Counter(
+            "flashtile_region_spills_total", "Stage calls served outside their request's region (its replicas were "
+            "saturated or gone).", tag_keys=("stage", "origin", "served"),
+        )
         self.cache = metrics.Counter(
             "flashtile_cache_total", "Cache lookups by cache and result.", tag_keys=("cache", "result")
         )

@@ -6,15 +6,16 @@ import time
 from ray import serve
 
 from deployments import metrics
-from deployments._replica import OwnsOutputs, TileQueue, fetch, load_model, replica_id, stored
+from deployments._replica import OwnsOutputs, TileQueue, fetch, load_model, replica_id, routed, stored
 from deployments.config import ModelConfig, TileConfig
+from deployments.regions import InRegion
 from stages.driver import Part, RefinerInfo
 from stages.refine import Refiner
 from stages.types import PromptEmbeds
 
 
 @serve.deployment(name="refiner")
-class RefinerDeployment(OwnsOutputs):
+class RefinerDeployment(InRegion, OwnsOutputs):
     def __init__(self, model: ModelConfig, tiles: TileConfig):
         self._refiner = Refiner.from_pretrained(load_model(model.model, model.torch_threads), device=model.device,
                                                 tile_size=tiles.tile_size, overlap=tiles.overlap)
@@ -25,6 +26,7 @@ class RefinerDeployment(OwnsOutputs):
         r = self._refiner
         return RefinerInfo(r.tile_size, r.overlap, r.strength, self._tiles_per_call)
 
+    @routed("refine")
     async def refine(self, crops: list[Part], embeds: PromptEmbeds, seed: int, steps: int, guidance_scale: float) -> Part:
         """Refine these crops (read from the object store); the results go back there."""
         pixels = await asyncio.gather(*[fetch(c) for c in crops])

@@ -137,6 +137,9 @@ class GenerateResult(BaseModel):
     timings: dict[str, float] = Field(description="Seconds spent per stage.")
     prompt_truncated: bool = Field(description="The prompt was cut at the encoder's token limit.")
     replicas: dict[str, list[str]] = Field(default_factory=dict, description="Replica ids that served each stage.")
+    regions: dict[str, list[str]] = Field(
+        default_factory=dict, description="Regions whose replicas served each stage (ingress, encode, base, upscale, "
+        "refine, compose); empty when the cluster has no regions.")
     base_batch_size: int = Field(default=1, description="Requests denoised together with this one (dynamic batching).")
 
     @property

@@ -17,6 +17,7 @@ from deployments.admission import Admission, Slot
 from deployments.errors import InvalidRequest, NotFound, TooLarge
 from deployments.guard import Guard
 from deployments.idempotency import Idempotency, Outputs
+from deployments.regions import Regions
 from deployments.schemas import (
     MEDIA_TYPES,
     GenerateRequest,
@@ -35,24 +36,28 @@ MAX_DETECT_PIXELS = 8192 * 8192  # images larger than this are refused before de
 
 
 class Service:
-    def __init__(self, executor: Callable[[], Executor], guard: Guard, outputs: Outputs):
-        self.executor = executor  # a fresh one per request: it holds that request's open calls
+    def __init__(self, executor: Callable[[str | None], Executor], guard: Guard, outputs: Outputs,
+                 regions: Regions = Regions()):
+        self.executor = executor  # a fresh one per request (for its region): it holds that request's open calls
         self.guard = guard
         self.admission = Admission(guard)
         self.outputs = outputs
         self.idempotency = Idempotency(outputs)
+        self.regions = regions
 
     async def info(self) -> StageInfo:
-        return await self.executor().info()  # cheap: the Serve executor's stage handles read it once
+        return await self.executor(None).info()  # cheap: the Serve executor's stage handles read it once
 
     async def screen(self, request: GenerateRequest, images: int = 1) -> None:
         self.admission.screen(request, (await self.info()).generator.base_resolution, images)
 
     # --- generation -------------------------------------------------------------------------------------------
 
-    async def run(self, request: GenerateRequest, stream: bool = False, base_url: str = "") -> AsyncIterator[dict]:
+    async def run(self, request: GenerateRequest, stream: bool = False, base_url: str = "",
+                  region: str | None = None) -> AsyncIterator[dict]:
         """Progress events, then {"event": "result", "result": GenerateResult, "output_key": str | None}: with
-        response_format url the image is stored under output_key and the result's URL signed under `base_url`."""
+        response_format url the image is stored under output_key and the result's URL signed under `base_url`.
+        `region`: the request's region, as `self.regions.resolve` gave it."""
         info = await self.info()
         g = info.generator
         try:
@@ -61,7 +66,8 @@ class Service:
         except ValueError as err:  # the request's own fields; a stage's ValueError later is the server's fault
             raise InvalidRequest(str(err)) from None
         file = FileSpec(request.output_format, request.output_compression)
-        async for event in driver.run(self.executor(), params, file, stream):
+        executor = self.executor(region)
+        async for event in driver.run(executor, params, file, stream):
             if event["event"] != "result":
                 yield event
                 continue
@@ -78,17 +84,19 @@ class Service:
                 scheduler=params.scheduler, guidance_scale=params.guidance_scale, model=r.model_id, steps=r.steps,
                 timings={k: round(v, 4) for k, v in r.timings.items()}, prompt_truncated=r.prompt_truncated,
                 replicas=r.replicas, base_batch_size=r.base_batch_size,
+                regions=self.regions.served(getattr(executor, "served", {})),
             )}
 
-    async def produce(self, request: GenerateRequest, base_url: str = "") -> tuple[GenerateResult, str | None]:
+    async def produce(self, request: GenerateRequest, base_url: str = "",
+                      region: str | None = None) -> tuple[GenerateResult, str | None]:
         """One image's result, and the stored image's key when response_format is url."""
-        async for event in self.run(request, base_url=base_url):
+        async for event in self.run(request, base_url=base_url, region=region):
             if event["event"] == "result":
                 return event["result"], event["output_key"]
         raise RuntimeError("the pipeline ended without a result")
 
-    async def generate(self, request: GenerateRequest, idempotency_key: str | None = None,
-                       base_url: str = "") -> tuple[GenerateResult, bool]:
+    async def generate(self, request: GenerateRequest, idempotency_key: str | None = None, base_url: str = "",
+                       region: str | None = None) -> tuple[GenerateResult, bool]:
         """(result, replayed). Refused before any model work or storage lookup when over limits or policy; a known
         key answers from storage; else generated within capacity and deadline, and remembered under the key."""
         await self.screen(request)
@@ -97,7 +105,7 @@ class Service:
             if stored is not None:
                 return stored, True
         with self.admission.admit(1):
-            result, output_key = await self.admission.bounded(request, self.produce(request, base_url))
+            result, output_key = await self.admission.bounded(request, self.produce(request, base_url, region))
         if idempotency_key is not None:
             result = await self.idempotency.remember(idempotency_key, request, result, output_key, base_url)
         return result, False
@@ -107,7 +115,7 @@ class Service:
         await self.screen(request)
         return self.admission.admit(1)
 
-    async def images(self, body: ImagesRequest, base_url: str = "") -> ImagesResponse:
+    async def images(self, body: ImagesRequest, base_url: str = "", region: str | None = None) -> ImagesResponse:
         """OpenAI's Images API: n images (seeds seed, seed+1, ...), generated together within one deadline."""
         model_id = (await self.info()).generator.model_id
         if body.model not in (None, model_id, "flashtile"):
@@ -115,7 +123,7 @@ class Service:
         first = body.to_generate(0)
         await self.screen(first, images=body.n)
         with self.admission.admit(body.n):
-            work = asyncio.gather(*[self.produce(body.to_generate(i), base_url) for i in range(body.n)])
+            work = asyncio.gather(*[self.produce(body.to_generate(i), base_url, region) for i in range(body.n)])
             results = [r for r, _ in await self.admission.bounded(first, work)]
         return ImagesResponse(
             created=int(time.time()), output_format=first.output_format,
@@ -139,7 +147,7 @@ class Service:
         if width * height > MAX_DETECT_PIXELS:
             raise TooLarge(f"image is {width}x{height}; at most {MAX_DETECT_PIXELS} pixels", kind="image_too_large",
                            limit=MAX_DETECT_PIXELS)
-        found = await self.executor().detect(data)
+        found = await self.executor(None).detect(data)
         return WatermarkDetectResult(watermarked=found.found, request_id=found.request_id, width=width, height=height,
                                      bit_agreement=round(found.bit_agreement, 4), method=found.method)
 

@@ -14,13 +14,14 @@ def event(kind: str, data: dict) -> str:
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
 
-async def events(service, request: GenerateRequest, slot: Slot, base_url: str) -> AsyncIterator[str]:
+async def events(service, request: GenerateRequest, slot: Slot, base_url: str,
+                 region: str | None = None) -> AsyncIterator[str]:
     """The request's events, within its deadline; every failure ends the stream with one `error` event (the same
     types as the JSON routes' errors). The slot is released when the stream ends, however it ends."""
     deadline = service.admission.deadline(request)
     try:
         async with asyncio.timeout(deadline):
-            async for item in service.run(request, stream=True, base_url=base_url):
+            async for item in service.run(request, stream=True, base_url=base_url, region=region):
                 kind = item.pop("event")
                 if kind == "result":
                     item = item["result"].model_dump()

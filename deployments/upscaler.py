@@ -5,8 +5,9 @@ import time
 from ray import serve
 
 from deployments import metrics
-from deployments._replica import OwnsOutputs, TileQueue, fetch, load_model, replica_id, stored
+from deployments._replica import OwnsOutputs, TileQueue, fetch, load_model, replica_id, routed, stored
 from deployments.config import ModelConfig, TileConfig
+from deployments.regions import InRegion
 from stages.driver import Part, UpscalerInfo
 from stages.pipeline import upscaler_location
 from stages.types import TileBox
@@ -14,7 +15,7 @@ from stages.upscale import Upscaler
 
 
 @serve.deployment(name="upscaler")
-class UpscalerDeployment(OwnsOutputs):
+class UpscalerDeployment(InRegion, OwnsOutputs):
     def __init__(self, model: ModelConfig, tiles: TileConfig):
         grid = {k: v for k, v in (("tile_size", tiles.tile_size), ("overlap", tiles.overlap)) if v is not None}
         self._upscaler = Upscaler.from_pretrained(upscaler_location(load_model(model.model, model.torch_threads)),
@@ -26,6 +27,7 @@ class UpscalerDeployment(OwnsOutputs):
         u = self._upscaler
         return UpscalerInfo(u.scale, u.tile_size, u.overlap, self._tiles_per_call)
 
+    @routed("upscale")
     async def upscale(self, image: Part, boxes: list[TileBox]) -> Part:
         """Upscale these boxes of the image (read from the object store); the results go back there."""
         return await self._queue.run(self._upscale, await fetch(image), boxes, tiles=len(boxes))

@@ -22,6 +22,7 @@ class PromptEmbeds:
     truncated: bool = False  # the prompt was cut at the encoder's token limit
     token_limit: int = 0
     cache_hit: bool = False
+    meta: dict = field(default_factory=dict)  # where it was made (the cluster's region), for the result
 
 
 @dataclass

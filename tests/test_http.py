@@ -18,6 +18,7 @@ from deployments.executor import PixelLeak, no_pixels
 from deployments.guard import Guard
 from deployments.http import create_app
 from deployments.idempotency import Outputs
+from deployments.regions import HEADER, Regions
 from deployments.service import Service
 from deployments.storage import LocalOutputStore
 from stages import driver
@@ -56,8 +57,8 @@ class SlowGenerator(Wrapped):
         await asyncio.sleep(30)
 
 
-def client(executor, tmp_path, **guard) -> tuple[TestClient, Service]:
-    service = Service(lambda: executor, make_guard(**guard), Outputs(LocalOutputStore(tmp_path), 60))
+def client(executor, tmp_path, regions: Regions = Regions(), **guard) -> tuple[TestClient, Service]:
+    service = Service(lambda region: executor, make_guard(**guard), Outputs(LocalOutputStore(tmp_path), 60), regions)
     return TestClient(create_app(service), raise_server_exceptions=False), service
 
 
@@ -140,6 +141,30 @@ def test_refusals_before_model_work(flashtile, tmp_path):
         busy = http.post("/v1/generate", json=FAST, headers=AUTH)
     assert busy.status_code == 503 and busy.headers["retry-after"] == "5" and busy.json()["error"]["retry_after"] == 5
     assert counting.cancelled == 0  # none of them reached the pipeline
+
+
+def test_a_region_header_is_checked_before_model_work_and_the_result_says_where(flashtile, tmp_path):
+    counting = Wrapped(flashtile)
+    census = lambda: {"us-east": {"ingress": 1, "base_generator": 2}}  # noqa: E731  (live replicas, as Ray reports)
+    regions = Regions(("us-east", "eu-west"), home="us-east", census=census)
+    http, _ = client(counting, tmp_path, regions=regions)
+    for route, body in (("/v1/generate", FAST), ("/v1/generate/stream", FAST),
+                        ("/v1/images/generations", {"prompt": "a red star", "size": "1024x1024"})):
+        resp = http.post(route, json=body, headers={**AUTH, HEADER: "mars-north"})
+        assert resp.status_code == 422, (route, resp.text)
+        assert resp.json()["error"]["message"] == (f"{HEADER}: unknown region 'mars-north'; configured regions: "
+                                                   "us-east, eu-west"), route
+    assert counting.cancelled == 0  # refused before the pipeline
+    ok = http.post("/v1/generate", json=FAST, headers={**AUTH, HEADER: "eu-west"})
+    assert ok.status_code == 200 and ok.json()["regions"] == {"ingress": ["us-east"]}  # in process: no stage regions
+    listed = http.get("/v1/regions", headers=AUTH).json()
+    assert [(r["name"], r["replicas"]["base_generator"], r["serving"]) for r in listed["data"]] == [
+        ("us-east", 2, False), ("eu-west", 0, False)]
+    assert "prompt_encoder" in listed["data"][0]["below_floor"] and "ingress" not in listed["data"][0]["below_floor"]
+    # No regions configured: any region header is refused, and results carry no regions.
+    plain, _ = client(counting, tmp_path)
+    assert plain.post("/v1/generate", json=FAST, headers={**AUTH, HEADER: "us-east"}).status_code == 422
+    assert plain.post("/v1/generate", json=FAST, headers=AUTH).json()["regions"] == {}
 
 
 def test_stream_events_end_with_the_result_or_one_typed_error(flashtile, tmp_path):
