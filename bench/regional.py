@@ -7,6 +7,7 @@ just the CPUs its region's replicas reserve, so a lost region's replicas wait fo
 another. Flashtile goes on with `serve deploy`, from cluster.yaml passed through deployments.regions.place().
 """
 
+import math
 import re
 import socket
 import subprocess
@@ -55,20 +56,25 @@ class Regional:
         serve_config = config(self.http_port, regions, {"output": str(self.outputs), **(args or {})})
         # A region's node has the CPUs its replicas reserve (Ray's logical CPUs; they share this host's cores).
         deployments = serve_config["applications"][0]["deployments"]
-        self.region_cpus = sum(d["ray_actor_options"]["num_cpus"] * d["autoscaling_config"]["min_replicas"]
-                               for d in deployments) / len(regions)
+        reserved = sum(d["ray_actor_options"]["num_cpus"] * d["autoscaling_config"]["min_replicas"] for d in deployments)
+        self.region_cpus = math.ceil(round(reserved / len(regions), 6))  # Ray counts a node's CPUs whole
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "include_dashboard": True,
             "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port})
         self.metrics_ports: dict[str, int] = {}
-        self.nodes = {region: self.add(region) for region in regions}
-        ray.init(address=self.cluster.address, namespace="serve", logging_level="ERROR")
         self.url = f"http://127.0.0.1:{self.http_port}"
-        path = tmp / "regions.yaml"
-        path.write_text(yaml.safe_dump(serve_config, sort_keys=False))
-        subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(path),
-                        "-a", f"http://127.0.0.1:{self.dashboard_port}"], check=True, capture_output=True, timeout=120)
-        self.wait_until(self.all_placed, "every region has its replicas")
+        try:
+            self.nodes = {region: self.add(region) for region in regions}
+            ray.init(address=self.cluster.address, namespace="serve", logging_level="ERROR")
+            tmp.mkdir(parents=True, exist_ok=True)
+            path = tmp / "regions.yaml"
+            path.write_text(yaml.safe_dump(serve_config, sort_keys=False))
+            subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(path),
+                            "-a", f"http://127.0.0.1:{self.dashboard_port}"], check=True, capture_output=True, timeout=120)
+            self.wait_until(self.all_placed, "every region has its replicas")
+        except BaseException:
+            self.close()
+            raise
 
     def wait_until(self, ready, what: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
@@ -124,6 +130,9 @@ class Regional:
 
     def close(self) -> None:
         import ray
+        from ray import serve
 
+        if ray.is_initialized():
+            serve.shutdown()  # also forgets this cluster's Serve controller, so a next cluster gets its own
         ray.shutdown()
         self.cluster.shutdown()
