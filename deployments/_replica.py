@@ -9,6 +9,7 @@ import torch
 from ray import serve
 
 from deployments import metrics
+from deployments.errors import ReplicaLost
 from deployments.regions import node_region
 from deployments.storage import StorageError, open_model
 from stages.driver import Part
@@ -100,9 +101,22 @@ def routed(stage: str):
     return wrap
 
 
+# Reading another replica's output takes well under a second on one node and a few across nodes; one still waiting
+# after this long will not arrive: its owner's node is gone (a lost region) and Ray has not said so yet, or Ray lost
+# the object. The request then fails at once with the retryable 503 rather than hang until its deadline.
+FETCH_TIMEOUT_S = 30.0
+
+
 async def fetch(part: Part):
-    """The pixels a Part refers to."""
-    return await part.pixels if isinstance(part.pixels, ray.ObjectRef) else part.pixels
+    """The pixels a Part refers to; ReplicaLost (503, retry) when they cannot be read within FETCH_TIMEOUT_S."""
+    if not isinstance(part.pixels, ray.ObjectRef):
+        return part.pixels
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(part.pixels.future()), FETCH_TIMEOUT_S)
+    except TimeoutError:
+        metrics.get().fetch_timeouts.inc()
+        raise ReplicaLost(f"an intermediate image could not be read within {FETCH_TIMEOUT_S:g} s (the replica that "
+                          "made it, or its node, was lost); retry with the same Idempotency-Key") from None
 
 
 class OwnsOutputs:

@@ -67,6 +67,10 @@ class _Metrics:
             "flashtile_region_spills_total", "Stage calls served outside their request's region (its replicas were "
             "saturated or gone).", tag_keys=("stage", "origin", "served"),
         )
+        self.fetch_timeouts = metrics.Counter(
+            "flashtile_fetch_timeouts_total", "Reads of another replica's output that never arrived (the request got "
+            "503 replica_lost at once instead of hanging to its deadline).",
+        )
         self.cache = metrics.Counter(
             "flashtile_cache_total", "Cache lookups by cache and result.", tag_keys=("cache", "result")
         )

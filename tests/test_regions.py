@@ -20,7 +20,8 @@ REQUEST = {"prompt": "a red ring on a blue field", "size": "1k", "steps": 2, "se
 
 @pytest.fixture(scope="module")
 def regional(default_model_dir, tmp_path_factory):
-    cluster = Regional(tmp_path_factory.mktemp("regions"), REGIONS)
+    # A short deadline: a request that hangs (it should not) costs the test 2 minutes, not 5.
+    cluster = Regional(tmp_path_factory.mktemp("regions"), REGIONS, {"request_timeout_s": 120})
     try:
         yield cluster
     finally:
@@ -81,6 +82,29 @@ def test_saturating_one_region_spills_part_of_its_load_and_counts_it(regional):
         time.sleep(2)
     print(json.dumps({"requests": len(results), "with_spilled_calls": len(away), "spilled_calls": spilled,
                       "home_calls": home() - home_before}))
+
+
+def test_an_output_that_never_arrives_is_a_retryable_503_not_a_hang(regional, monkeypatch):
+    # What a stage replica does when another replica's output cannot be read (its node went with a region, or Ray
+    # lost it): fail the request at once with 503 replica_lost, which the retry client retries.
+    import asyncio
+
+    import ray
+
+    from deployments import _replica
+    from deployments.errors import ReplicaLost
+    from stages.driver import Part
+
+    never = ray.remote(num_cpus=0)(lambda: time.sleep(3600)).remote()  # an object that never comes
+    monkeypatch.setattr(_replica, "FETCH_TIMEOUT_S", 1.0)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ReplicaLost, match="could not be read within 1 s") as lost:
+            asyncio.run(_replica.fetch(Part(never, {})))
+        assert time.monotonic() - t0 < 10 and lost.value.status == 503
+        assert asyncio.run(_replica.fetch(Part(ray.put("ready"), {}))) == "ready"
+    finally:
+        ray.cancel(never, force=True)
 
 
 def _retry_client(region_of: dict[int, str]):
