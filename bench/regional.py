@@ -111,22 +111,23 @@ class Regional:
         except (requests.RequestException, ValueError, KeyError):
             return False
 
+    def samples(self, region: str, metric: str) -> list[tuple[dict, float]]:
+        """(labels, value) of each sample of `metric` (a Flashtile counter) that this region's node exports."""
+        text = requests.get(f"http://127.0.0.1:{self.metrics_ports[region]}/metrics", timeout=10).text
+        return [(dict(re.findall(r'(\w+)="([^"]*)"', line)), float(line.rsplit(" ", 1)[1]))
+                for line in text.splitlines() if line.startswith(f"ray_{metric}{{")]
+
     def calls(self, region: str) -> dict[tuple, float]:
         """flashtile_region_requests_total as this region's node exports it: {(stage, origin, served): calls}."""
-        text = requests.get(f"http://127.0.0.1:{self.metrics_ports[region]}/metrics", timeout=10).text
         out: dict[tuple, float] = {}
-        for line in text.splitlines():
-            if line.startswith("ray_flashtile_region_requests_total{"):
-                labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-                key = (labels["stage"], labels["origin"], labels["served"])
-                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+        for labels, value in self.samples(region, "flashtile_region_requests_total"):
+            key = (labels["stage"], labels["origin"], labels["served"])
+            out[key] = out.get(key, 0.0) + value
         return out
 
     def spills(self, region: str) -> float:
         """flashtile_region_spills_total of this region's node: calls it served for other regions."""
-        text = requests.get(f"http://127.0.0.1:{self.metrics_ports[region]}/metrics", timeout=10).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("ray_flashtile_region_spills_total{"))
+        return sum(value for _, value in self.samples(region, "flashtile_region_spills_total"))
 
     def close(self) -> None:
         import ray

@@ -80,17 +80,18 @@ def place(config: dict) -> dict:
                 app["deployments"].append(d)
             d.setdefault("ray_actor_options", {})["label_selector"] = selector(regions)
             d["request_router_config"] = {"request_router_class": ROUTER}
-            floor = floors.get(name, 1) * len(regions)
+            per_region = floors.get(name, 1)
+            floor = per_region * len(regions)
             auto = d.get("autoscaling_config")
             if auto is None:
                 replicas = d.get("num_replicas", 1)
                 if replicas != "auto" and replicas < floor:
-                    raise ValueError(f"{name}: num_replicas ({replicas}) is below its floor of {floors.get(name, 1)} "
+                    raise ValueError(f"{name}: num_replicas ({replicas}) is below its floor of {per_region} "
                                      f"per region x {len(regions)} regions ({floor})")
                 continue
             top = auto.get("max_replicas", 1)
             if floor > top:
-                raise ValueError(f"{name}: region_floors.{name} ({floors.get(name, 1)}) x {len(regions)} regions = "
+                raise ValueError(f"{name}: region_floors.{name} ({per_region}) x {len(regions)} regions = "
                                  f"{floor} replicas, above its max_replicas ({top})")
             auto["min_replicas"] = max(auto.get("min_replicas", 1), floor)
     return config

@@ -95,7 +95,13 @@ def test_an_output_that_never_arrives_is_a_retryable_503_not_a_hang(regional, mo
     from deployments.errors import ReplicaLost
     from stages.driver import Part
 
-    never = ray.remote(num_cpus=0)(lambda: time.sleep(3600)).remote()  # an object that never comes
+    @ray.remote(num_cpus=0)
+    class Never:
+        async def wait(self):
+            await asyncio.Event().wait()  # set by nobody: its answer never comes
+
+    waiter = Never.remote()
+    never = waiter.wait.remote()
     monkeypatch.setattr(_replica, "FETCH_TIMEOUT_S", 1.0)
     try:
         t0 = time.monotonic()
@@ -104,7 +110,7 @@ def test_an_output_that_never_arrives_is_a_retryable_503_not_a_hang(regional, mo
         assert time.monotonic() - t0 < 10 and lost.value.status == 503
         assert asyncio.run(_replica.fetch(Part(ray.put("ready"), {}))) == "ready"
     finally:
-        ray.cancel(never, force=True)
+        ray.kill(waiter)
 
 
 def _retry_client(region_of: dict[int, str]):
